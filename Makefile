@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# Both set themselves up: a virtual environment in .venv with the pinned dependencies
+# and the native module built in place.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A machine without torch gets the CPU wheel; one that already has torch keeps it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-unit test-dist bench clean
+
+$(VENV)/.installed: setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/demo_data.sh
+
+test-unit: install
+	$(PY) -m pytest -q tests
+
+test-dist: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m pytest -q -p no:cacheprovider tests/dist
+
+test: test-unit test-dist
+
+clean:
+	rm -rf build *.egg-info megatron_ext/_native*.so output

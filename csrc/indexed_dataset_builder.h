@@ -1,0 +1,6 @@
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace megatron_ext {
+void register_indexed_dataset_builder(pybind11::module_& m);
+}  // namespace megatron_ext

@@ -1,0 +1,45 @@
+"""Shared fixtures: real assets fetched once into the cache (see megatron_ext/assets.py)."""
+from pathlib import Path
+
+import pytest
+
+from megatron_ext import assets
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def llama_sp_model() -> Path:
+    """LLaMA-format 32k SentencePiece model (bos=1, eos=2)."""
+    return assets.llama_sentencepiece_model()
+
+
+@pytest.fixture(scope="session")
+def botchan_bpe_model() -> Path:
+    return assets.botchan_model("bpe")
+
+
+@pytest.fixture(scope="session")
+def botchan_unigram_model() -> Path:
+    return assets.botchan_model("unigram")
+
+
+@pytest.fixture(scope="session")
+def botchan_txt() -> Path:
+    return assets.botchan_text()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_files() -> list:
+    return assets.shakespeare_texts()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    return assets.smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The shipped sample corpus and tokenizer (examples/data)."""
+    return REPO / "examples" / "data"
