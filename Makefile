@@ -26,7 +26,7 @@ test-unit: install
 	$(PY) -m pytest -q tests
 
 test-dist: install
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m pytest -q -p no:cacheprovider tests/dist
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=6 -m pytest -q -p no:cacheprovider tests/dist
 
 test: test-unit test-dist
 
