@@ -39,6 +39,9 @@ _ORIGINAL_CURRENT_DEVICE = torch.cuda.current_device
 
 
 def has_cuda() -> bool:
+    """Whether to compute on CUDA; ``MEGATRON_EXT_FORCE_CPU=1`` keeps a GPU machine on the CPU."""
+    if os.environ.get("MEGATRON_EXT_FORCE_CPU", "0") == "1":
+        return False
     return torch.cuda.is_available()
 
 
