@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""WikiText-2-style perplexity of a checkpoint (ours or a Hugging Face directory).
+
+    python tools/eval_ppl.py --load CKPT --text-file wiki.test.raw --seq-length 4096
+    torchrun --nproc_per_node 4 tools/eval_ppl.py --load CKPT --text-file FILE \\
+        --seq-length 4096 --tensor-model-parallel-size 2
+
+The text is tokenized whole with the tokenizer that comes with the checkpoint (or
+--data-path names an already tokenized .bin/.idx prefix), cut into non-overlapping
+windows of --seq-length tokens, and PPL = exp(mean NLL) over every predicted token.
+A checkpoint saved at another tensor-parallel size is resharded in memory. Windows
+are spread over the data-parallel ranks. The last line printed is exactly
+``PPL <value> tokens <count>``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="our checkpoint directory or a Hugging Face model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file", help="UTF-8 text evaluated as one document (e.g. WikiText-2 wiki.test.raw)")
+    src.add_argument("--data-path", help="prefix of a tokenized Megatron .bin/.idx dataset")
+    p.add_argument("--seq-length", type=int, required=True, help="window length in tokens")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--sparse", action="store_true",
+                   help="apply the checkpoint's hard N:M masks (argmax of its mask logits, or its hard masks)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute dtype of the model")
+    p.add_argument("--tokenizer-type", default=None,
+                   help="override the tokenizer type recorded with the checkpoint (e.g. HuggingFaceTokenizer)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    return p.parse_args(argv)
+
+
+def _bake_hard_masks(state_dict):
+    """Dense weights times the hard N:M masks (argmax of the logits, or the saved hard masks)."""
+    from megatron_ext.sparsity.export import bake_masks
+
+    baked, _ = bake_masks(state_dict)
+    return baked
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megatron_ext import platform
+    from megatron_ext.models.perplexity import evaluate
+
+    try:
+        info = platform.init_distributed(args.tensor_model_parallel_size)
+    except ValueError as e:
+        print(f"error: --tensor-model-parallel-size: {e}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            result = evaluate(args.load, seq_length=args.seq_length, text_file=args.text_file,
+                              data_path=args.data_path, micro_batch_size=args.micro_batch_size,
+                              sparse=args.sparse, params_dtype=args.dtype, tokenizer_type=args.tokenizer_type,
+                              max_windows=args.max_windows, apply_masks=_bake_hard_masks if args.sparse else None)
+        except (ValueError, OSError) as e:  # our errors (checkpoint, config, masks, input) are ValueErrors
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if info.rank == 0:
+            print(f"windows {result.windows} x {args.seq_length} tokens, TP={info.tp_size} DP={info.dp_size}, "
+                  f"mean NLL {result.nll_sum / result.tokens:.6f}", flush=True)
+            print(result.line(), flush=True)
+        return 0
+    finally:
+        platform.destroy_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
