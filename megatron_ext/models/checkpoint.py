@@ -442,7 +442,9 @@ def save_checkpoint(save_dir: str | os.PathLike, rank_state_dicts: Sequence[Mapp
     try:
         out_dtype = None
         for rank, sd in enumerate(rank_state_dicts):
-            model = {k: owned((v.to(target) if target is not None and v.is_floating_point() else v).cpu())
+            # Learned mask logits stay fp32 whatever the weights are cast to.
+            model = {k: owned((v.to(target) if target is not None and v.is_floating_point()
+                               and not k.endswith(".mask_logits") else v).cpu())
                      for k, v in sd.items() if not _is_extra_state(k)}
             out_dtype = out_dtype or _floating_dtype(model)
             payload = {
