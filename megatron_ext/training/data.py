@@ -1,0 +1,123 @@
+"""Training data: the GPT datasets of a run and Megatron-LM's pretraining sampler order.
+
+Sample counts follow Megatron-LM when training by iterations:
+train ``train_iters * global_batch``; valid ``(train_iters // eval_interval + 1) *
+eval_iters * global_batch`` (every evaluation reads the next ``eval_iters`` global
+batches, and one more runs after training); test ``eval_iters * global_batch``.
+
+``micro_batches`` is Megatron's ``MegatronPretrainingSampler``: from ``consumed``
+on, samples are taken in order, ``micro_batch x DP`` at a time, and data-parallel
+rank ``r`` gets the ``r``-th slice of ``micro_batch`` of them (an incomplete last
+step is dropped). Every tensor-parallel rank reads the same samples itself.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from megatron_ext.data.blend import build_gpt_datasets, parse_blend
+from megatron_ext.data.gpt_dataset import GPTDatasetConfig, PAD_TOKEN_ID_NONE
+
+
+class DataError(ValueError):
+    """Missing or unusable training data (the message names the flag and the file)."""
+
+
+@dataclass
+class Datasets:
+    train: object
+    valid: Optional[object]
+    test: Optional[object]
+    extra_valid: Optional[object]   # --eval-data-path
+
+
+def sample_counts(train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int) -> List[int]:
+    """Megatron-LM's ``[train, valid, test]`` sample counts."""
+    evals = train_iters // eval_interval + 1
+    return [train_iters * global_batch_size, evals * eval_iters * global_batch_size, eval_iters * global_batch_size]
+
+
+def check_data_paths(data_path: str, flag: str) -> None:
+    """Every prefix of a blend has its .bin and .idx (``DataError`` naming ``flag`` otherwise)."""
+    try:
+        prefixes, _ = parse_blend(data_path)
+    except ValueError as e:
+        raise DataError(str(e).replace("--data-path", flag)) from None
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(prefix + suffix):
+                raise DataError(f"{flag}: {prefix + suffix} does not exist")
+
+
+def dataset_config(args, tokenizer) -> GPTDatasetConfig:
+    pad = getattr(tokenizer, "pad", None)
+    return GPTDatasetConfig(
+        sequence_length=args.seq_length,
+        eod_token_id=tokenizer.eod,
+        random_seed=args.seed,
+        pad_token_id=PAD_TOKEN_ID_NONE if pad is None else int(pad),
+        reset_position_ids=args.reset_position_ids,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False,
+        data_cache_path=args.data_cache_path,
+    )
+
+
+def build_datasets(args, tokenizer) -> Datasets:
+    """The run's datasets (``valid``/``test`` None for an empty split or no evaluation)."""
+    config = dataset_config(args, tokenizer)
+    counts = sample_counts(args.train_iters, args.global_batch_size, args.eval_interval, args.eval_iters)
+    if args.eval_iters == 0:
+        counts[1] = counts[2] = 0
+    train, valid, test = build_gpt_datasets(config, args.data_path, args.split, counts)
+    if train is None:
+        raise DataError(f"--split {args.split!r} leaves no training data")
+    extra = None
+    if args.eval_data_path is not None:
+        _, extra, _ = build_gpt_datasets(config, args.eval_data_path, "0,1,0", [0, counts[1], 0])
+    if args.eval_iters == 0:
+        valid = test = extra = None
+    return Datasets(train, valid, test, extra)
+
+
+def micro_batch_indices(total: int, consumed: int, micro_batch_size: int, dp_size: int,
+                        dp_rank: int) -> Iterator[List[int]]:
+    """Megatron's pretraining sampler: this data-parallel rank's sample ids, one micro-batch at a time."""
+    if consumed >= total:
+        return
+    step = micro_batch_size * dp_size
+    start = dp_rank * micro_batch_size
+    for beg in range(consumed, total - step + 1, step):
+        yield list(range(beg + start, beg + start + micro_batch_size))
+
+
+def collate(samples: List[Dict[str, np.ndarray]]) -> Dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("tokens", "labels", "loss_mask",
+                                                                           "position_ids")}
+
+
+class BatchStream:
+    """Micro-batches of one dataset for this data-parallel rank, from ``consumed`` samples on.
+
+    ``consumed`` counts global samples (all ranks), as Megatron's ``consumed_*_samples``.
+    """
+
+    def __init__(self, dataset, name: str, consumed: int, micro_batch_size: int, dp_size: int, dp_rank: int):
+        self.dataset = dataset
+        self.name = name
+        self.consumed = consumed
+        self._indices = micro_batch_indices(len(dataset), consumed, micro_batch_size, dp_size, dp_rank)
+        self._step = micro_batch_size * dp_size
+
+    def next(self) -> Dict[str, torch.Tensor]:
+        try:
+            ids = next(self._indices)
+        except StopIteration:
+            raise DataError(f"the {self.name} data ran out after {self.consumed} samples "
+                            f"({len(self.dataset)} available)") from None
+        self.consumed += self._step
+        return collate([self.dataset[i] for i in ids])
