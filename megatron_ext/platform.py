@@ -212,3 +212,31 @@ def seed_everything(seed: int) -> None:
     tracker.add(mp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+def device_rng_state():
+    """The accelerator's default generator state (None on the CPU, where torch's own
+    generator already covers it)."""
+    return torch.cuda.get_rng_state() if has_cuda() else None
+
+
+def set_device_rng_state(state) -> None:
+    if state is not None and has_cuda():
+        torch.cuda.set_rng_state(state)
+
+
+def memory_stats() -> dict:
+    """This process's memory for the log: the GPU's allocator when there is one, else peak RSS."""
+    mb = 1024.0 * 1024.0
+    if has_cuda():
+        return {"mem_allocated_mb": torch.cuda.memory_allocated() / mb,
+                "mem_max_allocated_mb": torch.cuda.max_memory_allocated() / mb,
+                "mem_reserved_mb": torch.cuda.memory_reserved() / mb}
+    import resource
+
+    return {"mem_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def fused_optimizer_available() -> bool:
+    """Whether torch's fused AdamW applies (parameters on CUDA)."""
+    return has_cuda()

@@ -97,15 +97,8 @@ def _cpu_state(state):
     return state.detach().cpu().clone() if isinstance(state, torch.Tensor) else state
 
 
-# The accelerator's default generator (dropout outside tensor-parallel regions). These two
-# belong in megatron_ext.platform; kept here until it offers them.
-def _device_rng_state() -> Optional[torch.Tensor]:
-    return torch.cuda.get_rng_state() if platform.has_cuda() else None
-
-
-def _set_device_rng_state(state: Optional[torch.Tensor]) -> None:
-    if state is not None and platform.has_cuda():
-        torch.cuda.set_rng_state(state)
+_device_rng_state = platform.device_rng_state
+_set_device_rng_state = platform.set_device_rng_state
 
 
 # --------------------------------------------------------------------------- collectives

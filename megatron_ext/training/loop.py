@@ -211,16 +211,7 @@ def _run_args(args: Namespace) -> Dict[str, Any]:
     return out
 
 
-def _memory_stats() -> Dict[str, float]:
-    """Memory of this process for the log (the platform's device when there is one)."""
-    if platform.has_cuda():
-        mb = 1024.0 * 1024.0
-        return {"mem_allocated_mb": torch.cuda.memory_allocated() / mb,
-                "mem_max_allocated_mb": torch.cuda.max_memory_allocated() / mb,
-                "mem_reserved_mb": torch.cuda.memory_reserved() / mb}
-    import resource
-
-    return {"mem_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+_memory_stats = platform.memory_stats
 
 
 class _StopFlag:
@@ -365,7 +356,7 @@ class Run:
         args = self.args
         groups = param_groups(self.model, args.lr, args.min_lr, args.lr_mult if args.sparse else 1.0)
         self.optimizer = TrainOptimizer(self.model, groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                        eps=args.adam_eps, fused=platform.has_cuda(), dp_group=self.dp_group,
+                                        eps=args.adam_eps, fused=platform.fused_optimizer_available(), dp_group=self.dp_group,
                                         model_parallel_group=self.mp_group, tp_rank=self.dinfo.tp_rank)
         self.scheduler = ParamScheduler(self.optimizer, schedule_from_args(args), args.weight_decay)
         trainable = sum(e.param.numel() for e in self.optimizer.entries)
