@@ -49,7 +49,7 @@ EOF
   echo "       python used: $PYTHON (set PYTHON=... to choose another)" >&2
   exit 1
 fi
-VERSIONS=$(echo "$env_report" | head -1)
+VERSIONS=$(echo "$env_report" | grep -m1 "^python ")
 NGPU=$(echo "$env_report" | awk '/^cuda_devices/ {print $2}')
 
 # --- Devices ------------------------------------------------------------------------------------

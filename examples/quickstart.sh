@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole MaskLLM method on the shipped sample, on two CPU cores in about five minutes:
+# The whole MaskLLM method on the shipped sample, on two CPU cores in about five minutes
+# (six CPU-minutes of work):
 #
 #   bash run_maskllm_native.sh examples/quickstart.sh 0     # 0: from scratch, 1: resume
 #
@@ -16,6 +17,7 @@
 # With 1, finished stages are kept and an interrupted training stage resumes from its own
 # latest checkpoint. Any variable in capitals below can be set from the environment.
 set -euo pipefail
+NPROC_PER_NODE=${NPROC_PER_NODE:-2}   # run without the launcher: one node, two processes
 . "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 parse_resume "${1:-}"
 shift
@@ -62,14 +64,15 @@ require_file "$TRAIN_JSONL" TRAIN_JSONL
 require_file "$HELDOUT_TEXT" HELDOUT_TEXT
 require_tokenizer "$TOKENIZER_MODEL" TOKENIZER_MODEL
 end_checks
-WORLD=${WORLD_SIZE_TOTAL:-2}
+WORLD=${WORLD_SIZE_TOTAL:-$(( ${NNODES:-1} * NPROC_PER_NODE ))}
 [ $(( WORLD % TP )) -eq 0 ] || die "the quickstart uses tensor-parallel size $TP: NPROC_PER_NODE x NNODES = $WORLD processes is not a multiple (set NPROC_PER_NODE=2)"
 DP=$(( WORLD / TP ))
 [ $(( GLOBAL_BATCH_SIZE % DP )) -eq 0 ] || die "GLOBAL_BATCH_SIZE $GLOBAL_BATCH_SIZE is not divisible by the data-parallel size $DP"
 MICRO_BATCH_SIZE=$(( GLOBAL_BATCH_SIZE / DP ))
 
-if [ "$RESUME" = 0 ]; then
-  rm -rf "$OUT"
+if [ "$RESUME" = 0 ]; then   # start over: remove what an earlier run wrote
+  rm -rf "$OUT/data" "$OUT/cache" "$OUT/logs" "$DENSE_DIR" "$PRIOR_DIR" "$MASK_DIR" "$HF_DIR" "$HF_DIR.masks" \
+    "$OUT/results.json"
 fi
 mkdir -p "$OUT/data" "$OUT/logs"
 SECONDS=0

@@ -11,9 +11,12 @@ checkpoint.
 import json
 import re
 
+import pytest
+
 from launching import TINY_TRAIN, Launch, clean_env, free_port
 
 
+@pytest.mark.slow  # two real launches of the trainer, together
 def test_two_launchers_form_one_job_and_train(tmp_path, plays_prefix, sample_tokenizer):
     port = free_port()
     save = tmp_path / "ckpt"

@@ -18,6 +18,8 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from launching import TINY_TRAIN, Launch, clean_env, free_port
 
 TRAIN_ITERS = 8
@@ -85,6 +87,7 @@ def _kill_inside_a_save(run: Launch, save: Path, first: int, timeout: float) -> 
     raise AssertionError(f"no save could be interrupted in {timeout}s (tried {sorted(tried)}):\n{run.output}")
 
 
+@pytest.mark.slow  # four real launches of the trainer
 def test_kill_9_and_resume_follow_the_uninterrupted_run(tmp_path, plays_prefix, sample_tokenizer):
     launches = []
 
