@@ -127,7 +127,8 @@ def init_distributed(tp_size: int = 1, backend: str | None = None, timeout_s: fl
         if parallel_state.get_tensor_model_parallel_world_size() == tp_size:
             return dist_info()
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    # No duplicate gloo groups: nothing here uses them, and on CPU each costs threads per peer.
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size, create_gloo_process_groups=False)
     return dist_info()
 
 

@@ -404,6 +404,37 @@ def _floating_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
     return torch.float32
 
 
+def finish_iteration_dir(tmp: Path, final: Path, cfg: LlamaConfig, *, iteration: int, tp: int,
+                         dtype: torch.dtype, tokenizer_type: str | None, tokenizer_files: Sequence[str],
+                         extra_info: Mapping[str, Any] | None = None) -> None:
+    """Write ``checkpoint.json`` into the complete temporary directory ``tmp`` and move it to
+    ``final`` (replacing an older one only once the new one is in place). The caller writes the
+    tracker file afterwards."""
+    info = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": 1,
+        "dtype": dtype_name(dtype),
+        "padded_vocab_size": cfg.padded_vocab_size(tp),
+        "config": cfg.to_dict(),
+        "tokenizer": ({"type": tokenizer_type, "dir": TOKENIZER_DIR, "files": list(tokenizer_files)}
+                      if tokenizer_type is not None else None),
+    }
+    info.update(extra_info or {})
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    publish_permissions(tmp)
+    save_dir = final.parent
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=save_dir))
+        os.rename(final, trash / "d")
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
 def save_checkpoint(save_dir: str | os.PathLike, rank_state_dicts: Sequence[Mapping[str, torch.Tensor]],
                     cfg: LlamaConfig, *, iteration: int = 0, dtype: str | torch.dtype | None = None,
                     tokenizer_dir: str | os.PathLike | None = None, tokenizer_type: str | None = None,
@@ -465,28 +496,9 @@ def save_checkpoint(save_dir: str | os.PathLike, rank_state_dicts: Sequence[Mapp
         if tokenizer_dir is not None:
             (tmp / TOKENIZER_DIR).mkdir()
             tok_names = copy_tokenizer(tokenizer_dir, tmp / TOKENIZER_DIR)
-        info = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "tensor_model_parallel_size": tp,
-            "pipeline_model_parallel_size": 1,
-            "dtype": dtype_name(out_dtype),
-            "padded_vocab_size": cfg.padded_vocab_size(tp),
-            "config": cfg.to_dict(),
-            "tokenizer": ({"type": tokenizer_type, "dir": TOKENIZER_DIR, "files": tok_names}
-                          if tokenizer_dir is not None else None),
-        }
-        info.update(extra_info or {})
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        publish_permissions(tmp)
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=save_dir))
-            os.rename(final, trash / "d")
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        finish_iteration_dir(tmp, final, cfg, iteration=iteration, tp=tp, dtype=out_dtype,
+                             tokenizer_type=tokenizer_type if tokenizer_dir is not None else None,
+                             tokenizer_files=tok_names, extra_info=extra_info)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -36,13 +35,12 @@ import torch.distributed as dist
 from megatron_ext import platform
 from megatron_ext.models.checkpoint import (
     CHECKPOINT_VERSION,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     INFO_FILE,
     TOKENIZER_DIR,
     TRACKER_FILE,
     CheckpointError,
     CheckpointInfo,
+    finish_iteration_dir,
     iteration_dir_name,
     load_rank_state_dict,
     megatron_args,
@@ -51,7 +49,7 @@ from megatron_ext.models.checkpoint import (
     shard_path,
 )
 from megatron_ext.models.config import LlamaConfig
-from megatron_ext.models.hf import atomic_write_text, dtype_name, publish_permissions
+from megatron_ext.models.hf import atomic_write_text
 
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
 HARD_MASK_SUFFIX = ".hard_mask"
@@ -228,24 +226,9 @@ def save_training_checkpoint(save_dir: str | os.PathLike, iteration: int, cfg: L
             if tokenizer is not None:
                 (tmp / TOKENIZER_DIR).mkdir()
                 tok_names = _copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
-            info = {
-                "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "iteration": iteration,
-                "tensor_model_parallel_size": tp_size, "pipeline_model_parallel_size": 1,
-                "dtype": dtype_name(dtype), "padded_vocab_size": cfg.padded_vocab_size(tp_size),
-                "config": cfg.to_dict(),
-                "tokenizer": ({"type": tokenizer_type, "dir": TOKENIZER_DIR, "files": tok_names}
-                              if tokenizer is not None else None),
-                **dict(info_extra),
-            }
-            (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            publish_permissions(tmp)
-            if final.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=save_dir))
-                os.rename(final, trash / "d")
-                os.rename(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
+            finish_iteration_dir(tmp, final, cfg, iteration=iteration, tp=tp_size, dtype=dtype,
+                                 tokenizer_type=tokenizer_type if tokenizer is not None else None,
+                                 tokenizer_files=tok_names, extra_info=info_extra)
             _fsync_dir(save_dir)
             atomic_write_text(save_dir / TRACKER_FILE, f"{iteration}\n")
             if keep_last is not None:
