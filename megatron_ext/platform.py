@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import random
 import socket
@@ -126,7 +127,7 @@ def init_distributed(tp_size: int = 1, backend: str | None = None, timeout_s: fl
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() == tp_size:
             return dist_info()
-        parallel_state.destroy_model_parallel()
+        _destroy_model_parallel_groups()
     # No duplicate gloo groups: nothing here uses them, and on CPU each costs threads per peer.
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size, create_gloo_process_groups=False)
     return dist_info()
@@ -147,9 +148,26 @@ def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        _destroy_model_parallel_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _destroy_model_parallel_groups() -> None:
+    """megatron's ``destroy_model_parallel`` and the process groups it made.
+
+    megatron-core only forgets its groups; torch.distributed keeps them (with their
+    threads and sockets) until destroyed, so a process that switches tensor-parallel
+    sizes would pile them up. Every group except the default one is megatron's: this
+    package creates none of its own.
+    """
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    c10d = dist.distributed_c10d
+    for group in list(c10d._world.pg_map):
+        if group is not c10d.GroupMember.WORLD and group is not c10d._get_default_group():
+            dist.destroy_process_group(group)
 
 
 def causal_attention_mask(seq_len: int) -> torch.Tensor:
@@ -241,3 +259,18 @@ def memory_stats() -> dict:
 def fused_optimizer_available() -> bool:
     """Whether torch's fused AdamW applies (parameters on CUDA)."""
     return has_cuda()
+
+
+def triton_available() -> bool:
+    """Whether the fused Triton kernels apply: CUDA in use and triton importable
+    (``MEGATRON_EXT_FORCE_CPU=1`` turns them off with the GPU)."""
+    return has_cuda() and _triton_importable()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
