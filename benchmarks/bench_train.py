@@ -16,65 +16,27 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_common import (MASK_ONLY_FLAGS, memory_gib, reset_memory, tiny_data, timed_steps,  # noqa: E402
+                          trainer_argv)
 from megatron_ext import platform  # noqa: E402
 from megatron_ext.training import Run, parse_args  # noqa: E402
 from megatron_ext.training.evaluate import masked_loss_sums  # noqa: E402
-
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def trainer_argv(opts, extra):
-    argv = ["--model", opts.model, "--seq-length", str(opts.seq), "--micro-batch-size", str(opts.mbs),
-            "--global-batch-size", str(opts.gbs), "--train-iters", str(opts.iters), "--lr", "5e-5",
-            "--min-lr", "5e-6", "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--adam-beta2", "0.95",
-            "--clip-grad", "1.0", "--data-path", opts.data_path, "--split", "100,0,0",
-            "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", opts.tokenizer_model,
-            "--log-interval", "1000000", "--eval-iters", "0", "--log-dir", opts.log_dir, "--seed", "1234"]
-    if opts.num_layers:
-        argv += ["--num-layers", str(opts.num_layers)]
-    if opts.max_position_embeddings:
-        argv += ["--max-position-embeddings", str(opts.max_position_embeddings)]
-    if opts.bf16:
-        argv.append("--bf16")
-    return argv + extra
-
-
-def memory_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if platform.has_cuda() else float("nan")
-
-
-def reset_memory() -> None:
-    gc.collect()
-    if platform.has_cuda():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def time_trainer(opts, extra):
     reset_memory()
     run = Run(parse_args(trainer_argv(opts, extra)))
     try:
-        times, losses = [], []
-        for i in range(opts.iters):
-            platform.synchronize()
-            t = time.perf_counter()
-            record = run.train_step()
-            platform.synchronize()
-            if i >= opts.warmup:
-                times.append(time.perf_counter() - t)
-            losses.append(record["loss"])
-        return statistics.median(times), memory_gib(), losses
+        sec, losses = timed_steps(lambda: run.train_step()["loss"], opts.iters, opts.warmup)
+        return sec, memory_gib(), losses
     finally:
         run.close()
         del run
@@ -87,38 +49,24 @@ def time_bare(opts):
     model, stream = run.model, run.train_stream
     run.optimizer.close()  # plain autograd: the parameters' .grad, no fp32 buffer
     n_micro = run.args.num_microbatches
+
+    def step():
+        total = 0.0
+        for _ in range(n_micro):
+            s, c = masked_loss_sums(model, stream.next())
+            loss = s / c
+            (loss / n_micro).backward()
+            total += loss.detach()
+        for p in model.parameters():
+            p.grad = None
+        return float(total / n_micro)
+
     try:
-        times, losses = [], []
-        for i in range(opts.iters):
-            platform.synchronize()
-            t = time.perf_counter()
-            total = 0.0
-            for _ in range(n_micro):
-                s, c = masked_loss_sums(model, stream.next())
-                loss = s / c
-                (loss / n_micro).backward()
-                total += loss.detach()
-            for p in model.parameters():
-                p.grad = None
-            value = float(total / n_micro)
-            platform.synchronize()
-            if i >= opts.warmup:
-                times.append(time.perf_counter() - t)
-            losses.append(value)
-        return statistics.median(times), memory_gib(), losses
+        sec, losses = timed_steps(step, opts.iters, opts.warmup)
+        return sec, memory_gib(), losses
     finally:
         run.close()
         del run, model, stream
-
-
-def tiny_data(tmp: str):
-    from megatron_ext.data.preprocess import PreprocessConfig, preprocess
-
-    tok = os.path.join(REPO, "examples", "data", "tokenizer.model")
-    res = preprocess(PreprocessConfig(inputs=[os.path.join(REPO, "examples", "data", "shakespeare_train.jsonl")],
-                                      output_prefix=os.path.join(tmp, "sample"), tokenizer_type="Llama2Tokenizer",
-                                      tokenizer_model=tok, append_eod=True), log=None)
-    return res.outputs["text"], tok
 
 
 def main() -> None:
@@ -148,10 +96,8 @@ def main() -> None:
     modes = {
         "bare": ("dense fwd+bwd only (baseline)", None),
         "dense": ("dense training (trainer)", []),
-        "mask-only": ("2:4 mask-only (trainer)", ["--mask-only", "--N", "2", "--M", "4", "--lr-mult", "10",
-                                                  "--weight-reg", "1e-5"]),
-        "mask-only-hard": ("2:4 mask-only --hard (trainer)", ["--mask-only", "--N", "2", "--M", "4", "--hard",
-                                                              "--lr-mult", "10", "--weight-reg", "1e-5"]),
+        "mask-only": ("2:4 mask-only (trainer)", list(MASK_ONLY_FLAGS)),
+        "mask-only-hard": ("2:4 mask-only --hard (trainer)", list(MASK_ONLY_FLAGS) + ["--hard"]),
     }
     device = torch.cuda.get_device_name() if platform.has_cuda() else "CPU"
     layers = f" x{opts.num_layers}L" if opts.num_layers else ""

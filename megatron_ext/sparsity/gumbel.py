@@ -18,6 +18,17 @@ product overflows). Hence
 
 On the GPU the noise is computed by one ``torch.compile``d kernel (``fused``): the
 same integer hash, without the eager path's chain of passes over int64 tensors.
+``masked_weight`` and ``masked_weight_sq_norm`` go further where Triton is available
+(``kernel``; default: on the platform's GPU, see ``platform.triton_available``): one
+Triton pass forward and one backward (``fused_mask``), with the same hash.
+
+A sample drawn once can be reused: ``sample_masked_weight`` returns ``weight * mask``
+(no autograd) and ``masked_weight(..., sample=that)`` hands it out again as a fresh
+autograd output whose backward is the mask backward. The layers use it to build the
+masked weight once per training step for all micro-batches.
+
+Where the logits carry a ``main_grad`` fp32 buffer (megatron-core's gradient-accumulation
+fusion convention), the backward adds the logits' gradient into it and returns none.
 
 ``gumbel_soft_mask`` is the plain PyTorch reference (autograd through every op);
 ``GumbelSoftMask`` / ``masked_weight`` / ``masked_weight_sq_norm`` are the
@@ -194,6 +205,29 @@ def normal_logits(key: int, offset: Offset, group_shape, num_cands: int, std: fl
     return (radius * torch.cos(2.0 * math.pi * u[..., 1::2]) * std).to(torch.float32)
 
 
+def _default_kernel(weight: torch.Tensor, logits: torch.Tensor, offset: Offset) -> bool:
+    if not (platform.triton_available() and weight.device == platform.device()):
+        return False
+    from megatron_ext.sparsity import fused_mask
+
+    return (fused_mask.supports(weight, logits) and weight.dim() == 2 and logits.dim() == 3
+            and not isinstance(offset, torch.Tensor))
+
+
+def _kernel_index(offset: Offset, group_shape, device) -> GroupIndex:
+    """``offset`` as the (rows, cols, groups_per_row) the kernels take."""
+    rows, groups = group_shape
+    if isinstance(offset, GroupIndex):
+        if offset.shape != (rows, groups):
+            raise ValueError(f"GroupIndex covers groups {offset.shape}, the logits have {(rows, groups)}")
+        return GroupIndex(offset.rows.to(device), offset.cols.to(device), offset.groups_per_row)
+    if isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0:
+        # contiguous numbering: offset + row * groups + col
+        return GroupIndex(torch.arange(rows, dtype=torch.int64, device=device),
+                          offset + torch.arange(groups, dtype=torch.int64, device=device), groups)
+    raise ValueError(f"the fused mask kernels take a GroupIndex or an int group offset, got {type(offset).__name__}")
+
+
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
@@ -268,70 +302,164 @@ def _weight_mask(y_fwd, cands, weight_shape):
     return (y_fwd @ cands.to(y_fwd.dtype)).reshape(weight_shape)
 
 
+def _check_weight(weight, logits, candidates):
+    if weight.shape[:-1] != logits.shape[:-2] or weight.shape[-1] != logits.shape[-2] * candidates.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match logits {tuple(logits.shape)} "
+                         f"with groups of {candidates.shape[-1]}")
+
+
+def _grad_buffer(logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """The logits' ``main_grad`` buffer, if they carry one the backward can add into."""
+    buf = getattr(logits, "main_grad", None)
+    if buf is None:
+        return None
+    if buf.dtype != torch.float32 or buf.shape != logits.shape or not buf.is_contiguous():
+        raise ValueError(f"mask logits' main_grad must be a contiguous fp32 tensor of shape {tuple(logits.shape)}, "
+                         f"got {buf.dtype} {tuple(buf.shape)}")
+    return buf
+
+
+def _sample_weight(weight, logits, cands, tau, kappa, key, offset, hard, fused, kernel, with_sq):
+    """``(weight * mask, sum((weight * mask)^2) or None)``, no autograd (the forward of both functions)."""
+    if kernel:
+        from megatron_ext.sparsity import fused_mask
+
+        idx = _kernel_index(offset, logits.shape[:-1], weight.device)
+        return fused_mask.forward(weight, logits, cands, idx.rows, idx.cols, idx.groups_per_row, key, tau, kappa,
+                                  hard, with_sq_norm=with_sq)
+    _, y_fwd = _sample(logits, cands, tau, kappa, key, offset, hard, fused)
+    mask = _weight_mask(y_fwd, cands, weight.shape)
+    sq = (weight.to(mask.dtype) * mask).square().sum() if with_sq else None
+    return weight * mask.to(weight.dtype), sq
+
+
+def _mask_backward(grad_out, weight, logits, cands, args, need_weight, reg=None, buffer=None):
+    """``(dL/dweight or None, dL/dlogits)`` of ``weight * mask`` given ``grad_out`` (may be None),
+    plus ``d/dlogits reg * sum((weight * mask)^2)`` when ``reg`` (a scalar tensor) is given.
+    With ``buffer`` the logits' gradient is added into it (and returned)."""
+    tau, kappa, key, offset, hard, fused, kernel = args
+    if kernel:
+        from megatron_ext.sparsity import fused_mask
+
+        idx = _kernel_index(offset, logits.shape[:-1], weight.device)
+        grad_logits, grad_weight = fused_mask.backward(
+            grad_out, weight, logits, cands, idx.rows, idx.cols, idx.groups_per_row, key, tau, kappa, hard,
+            grad_logits=buffer, reg=reg, want_grad_weight=need_weight)
+        return grad_weight, grad_logits
+    y, y_fwd = _sample(logits, cands, tau, kappa, key, offset, hard, fused)
+    grad_weight = None
+    mask = _weight_mask(y_fwd, cands, weight.shape) if need_weight or reg is not None else None
+    if need_weight:
+        grad_weight = grad_out * mask.to(weight.dtype)
+    grad_mask = 0
+    if grad_out is not None:
+        grad_mask = grad_out.to(y.dtype) * weight.to(y.dtype)
+    if reg is not None:
+        grad_mask = grad_mask + 2.0 * reg.to(y.dtype) * weight.to(y.dtype).square() * mask
+    grad_y = grad_mask.reshape(*logits.shape[:-1], cands.shape[1]) @ cands.to(y.dtype).t()
+    grad_logits = _softmax_backward(y, grad_y, tau, kappa)
+    if buffer is not None:
+        buffer.add_(grad_logits)
+        return grad_weight, buffer
+    return grad_weight, grad_logits
+
+
 class _MaskedWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, logits, cands, tau, kappa, key, offset, hard, fused=None):
-        _check(logits, cands, tau, kappa)
-        _, y_fwd = _sample(logits, cands, tau, kappa, key, offset, hard, fused)
+    def forward(ctx, weight, logits, sample, cands, tau, kappa, key, offset, hard, fused, kernel):
         ctx.save_for_backward(weight, logits, cands)
-        ctx.args = (tau, kappa, key, offset, hard, fused)
-        return weight * _weight_mask(y_fwd, cands, weight.shape).to(weight.dtype)
+        ctx.args = (tau, kappa, key, offset, hard, fused, kernel)
+        ctx.main_grad = _grad_buffer(logits)
+        if sample is not None:  # a fresh output aliasing the sample drawn before
+            return sample.view_as(sample)
+        return _sample_weight(weight, logits, cands, tau, kappa, key, offset, hard, fused, kernel, False)[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, logits, cands = ctx.saved_tensors
-        tau, kappa = ctx.args[:2]
-        y, y_fwd = _sample(logits, cands, *ctx.args)
-        grad_weight = grad_logits = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = grad_out * _weight_mask(y_fwd, cands, weight.shape).to(weight.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_mask = (grad_out.to(y.dtype) * weight.to(y.dtype)).reshape(*logits.shape[:-1], cands.shape[1])
-            grad_y = grad_mask @ cands.to(y.dtype).t()
-            grad_logits = _softmax_backward(y, grad_y, tau, kappa).to(logits.dtype)
-        return (grad_weight, grad_logits) + (None,) * 7
+        need_weight, need_logits = ctx.needs_input_grad[:2]
+        if not (need_weight or need_logits):
+            return (None,) * 11
+        if not need_logits:  # the mask alone (no logits gradient to form)
+            tau, kappa, key, offset, hard, fused, kernel = ctx.args
+            mask = _sample_weight(torch.ones_like(weight), logits, cands, tau, kappa, key, offset, hard, fused,
+                                  kernel, False)[0]
+            return (grad_out * mask,) + (None,) * 10
+        buffer = ctx.main_grad
+        grad_weight, grad_logits = _mask_backward(grad_out, weight, logits, cands, ctx.args, need_weight,
+                                                  buffer=buffer)
+        grad_logits = None if buffer is not None else grad_logits.to(logits.dtype)
+        return (grad_weight, grad_logits) + (None,) * 9
+
+
+def _use_kernel(kernel: Optional[bool], weight, logits, offset) -> bool:
+    return _default_kernel(weight, logits, offset) if kernel is None else bool(kernel)
 
 
 def masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, tau: float,
                   kappa: float, seed: int, offset: Offset, hard: bool = False,
-                  fused: Optional[bool] = None) -> torch.Tensor:
+                  fused: Optional[bool] = None, kernel: Optional[bool] = None,
+                  sample: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``weight * mask`` for ``weight [O, G*M]`` and ``logits [O, G, C]``, gradients to both.
 
     Saves ``weight`` and ``logits`` only; the mask and its noise are recomputed in
-    the backward.
+    the backward. ``kernel``: the Triton kernels (default: on the platform's GPU where
+    triton is importable; ``True`` forces them, ``False`` the PyTorch ops). ``sample``:
+    the ``weight * mask`` of this very draw from ``sample_masked_weight``; it is returned
+    as a fresh view (no work in the forward), the backward is the same.
     """
-    if weight.shape[:-1] != logits.shape[:-2] or weight.shape[-1] != logits.shape[-2] * candidates.shape[-1]:
-        raise ValueError(f"weight {tuple(weight.shape)} does not match logits {tuple(logits.shape)} "
-                         f"with groups of {candidates.shape[-1]}")
-    return _MaskedWeight.apply(weight, logits, candidates, tau, kappa, seed, offset, hard, fused)
+    _check(logits, candidates, tau, kappa)
+    _check_weight(weight, logits, candidates)
+    if sample is not None and (sample.shape != weight.shape or sample.dtype != weight.dtype):
+        raise ValueError(f"sample {sample.dtype} {tuple(sample.shape)} is not a masked weight of "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    kernel = _use_kernel(kernel, weight, logits, offset)
+    return _MaskedWeight.apply(weight, logits, sample, candidates, tau, kappa, seed, offset, hard, fused, kernel)
+
+
+@torch.no_grad()
+def sample_masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, tau: float,
+                         kappa: float, seed: int, offset: Offset, hard: bool = False,
+                         fused: Optional[bool] = None, kernel: Optional[bool] = None):
+    """``(weight * mask, sum((weight * mask)^2))`` of one draw, without autograd: the
+    ``sample`` for ``masked_weight`` and the ``value`` for ``masked_weight_sq_norm``."""
+    _check(logits, candidates, tau, kappa)
+    _check_weight(weight, logits, candidates)
+    kernel = _use_kernel(kernel, weight, logits, offset)
+    return _sample_weight(weight, logits, candidates, tau, kappa, seed, offset, hard, fused, kernel, True)
 
 
 class _MaskedSqNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, logits, cands, tau, kappa, key, offset, hard, fused=None):
-        _check(logits, cands, tau, kappa)
-        _, y_fwd = _sample(logits, cands, tau, kappa, key, offset, hard, fused)
-        mask = _weight_mask(y_fwd, cands, weight.shape)
+    def forward(ctx, weight, logits, value, cands, tau, kappa, key, offset, hard, fused, kernel):
         ctx.save_for_backward(weight, logits, cands)
-        ctx.args = (tau, kappa, key, offset, hard, fused)
-        return (weight.to(mask.dtype) * mask).square().sum()
+        ctx.args = (tau, kappa, key, offset, hard, fused, kernel)
+        ctx.main_grad = _grad_buffer(logits)
+        if value is not None:
+            return value.clone()
+        return _sample_weight(weight, logits, cands, tau, kappa, key, offset, hard, fused, kernel, True)[1]
 
     @staticmethod
     def backward(ctx, grad):
         weight, logits, cands = ctx.saved_tensors
-        tau, kappa = ctx.args[:2]
         if not ctx.needs_input_grad[1]:
-            return (None,) * 9
-        y, y_fwd = _sample(logits, cands, *ctx.args)
-        mask = _weight_mask(y_fwd, cands, weight.shape)
-        grad_mask = 2.0 * grad.to(y.dtype) * weight.to(y.dtype).square() * mask
-        grad_y = grad_mask.reshape(*logits.shape[:-1], cands.shape[1]) @ cands.to(y.dtype).t()
-        grad_logits = _softmax_backward(y, grad_y, tau, kappa).to(logits.dtype)
-        return (None, grad_logits) + (None,) * 7
+            return (None,) * 11
+        buffer = ctx.main_grad
+        _, grad_logits = _mask_backward(None, weight, logits, cands, ctx.args, False, reg=grad, buffer=buffer)
+        grad_logits = None if buffer is not None else grad_logits.to(logits.dtype)
+        return (None, grad_logits) + (None,) * 9
 
 
 def masked_weight_sq_norm(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, tau: float,
                           kappa: float, seed: int, offset: Offset, hard: bool = False,
-                          fused: Optional[bool] = None) -> torch.Tensor:
-    """``sum((weight * mask) ** 2)`` with the gradient reaching ``logits`` only (weight is a constant)."""
-    return _MaskedSqNorm.apply(weight, logits, candidates, tau, kappa, seed, offset, hard, fused)
+                          fused: Optional[bool] = None, kernel: Optional[bool] = None,
+                          value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum((weight * mask) ** 2)`` with the gradient reaching ``logits`` only (weight is a constant).
+
+    ``value``: this draw's sum from ``sample_masked_weight`` (the forward then does no work).
+    """
+    _check(logits, candidates, tau, kappa)
+    _check_weight(weight, logits, candidates)
+    kernel = _use_kernel(kernel, weight, logits, offset)
+    return _MaskedSqNorm.apply(weight.detach(), logits, value, candidates, tau, kappa, seed, offset, hard, fused,
+                               kernel)

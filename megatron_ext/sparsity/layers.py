@@ -11,6 +11,29 @@ hands megatron-core's linear the effective weight ``weight * mask``:
 * ``"eval"`` or a module in ``eval()``: the argmax hard N:M mask;
 * ``"dense"``: the weight unchanged.
 
+Training builds the sampled ``weight * mask`` once per step: every micro-batch of a step
+draws the same noise (it is keyed by ``SparsityState.step``), so the first forward of
+the step computes it without autograd (one Triton pass on the GPU) and caches it on the
+layer; each micro-batch then gets a fresh autograd output aliasing the cache, whose
+backward runs the mask backward (one Triton pass) and adds into the logits' gradient.
+The cache is keyed by the step, tau, kappa, hard, the logits and the weight (storage
+and version) and the count of optimizer steps taken in the process (a fused optimizer
+does not bump version counters), so an optimizer step or any in-place change of the
+logits or the weight rebuilds it.
+
+Memory: the cache is one tensor per layer, the masked weight in the weight's dtype
+(2 bytes per weight in bf16), plus one fp32 scalar (the regulariser's
+``sum ||W * M~||^2`` of the draw). The backward keeps nothing else: megatron-core's
+linear saves the masked weight it multiplied by, which is the cache itself (the
+per-micro-batch path saved one such tensor per micro-batch in flight), and the mask
+backward needs only the weight and the logits, which are parameters. The cache lives
+from the first forward of a step until the next step's first forward and is freed
+when the layer leaves training mode (``module.eval()``) or sparsity leaves ``"train"``
+mode; ``clear_mask_cache()`` frees it at any time (a trainer may call it after a step's
+last backward, so the optimizer step runs without it). Knobs for comparisons:
+``step_cache = False`` (a sample per micro-batch), ``fused_kernel = False`` (PyTorch ops
+on the GPU too), ``lean = False`` (the plain reference).
+
 When neither the weight nor the logits need a gradient, megatron-core's
 frozen-weight path runs (no weight-gradient GEMM). When only the logits train
 (mask-only), the one weight-shaped GEMM left, ``dL/d(weight * mask)``, is what the
@@ -22,12 +45,13 @@ input dimension, Row layers split it, so ``in / TP`` must be a multiple of ``M``
 from __future__ import annotations
 
 import zlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                   set_tensor_model_parallel_attributes)
 from megatron.core.utils import get_pg_rank, get_pg_size
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megatron_ext.models.config import ConfigError
 from megatron_ext.sparsity import gumbel
@@ -46,6 +70,30 @@ def _strided_rows(out_local: int, stride: int, rank: int, world: int) -> torch.T
     chunk = out_local // stride
     local = torch.arange(out_local, dtype=torch.int64)
     return ((local // chunk) * world + rank) * chunk + local % chunk
+
+
+class _OptimizerSteps:
+    """Count of ``torch.optim`` optimizer steps in this process: part of the cache key, since
+    fused optimizers update parameters without bumping their version counters."""
+
+    count = 0
+    _hook = None
+
+    @classmethod
+    def current(cls) -> int:
+        if cls._hook is None:
+            cls._hook = register_optimizer_step_post_hook(cls._count)
+        return cls.count
+
+    @classmethod
+    def _count(cls, *_args) -> None:
+        cls.count += 1
+
+
+class _StepSample(NamedTuple):
+    key: tuple
+    masked: torch.Tensor     # weight * mask of the draw, no autograd
+    sq_norm: torch.Tensor    # fp32 sum((weight * mask)^2) of the draw
 
 
 def _check_state(sparsity, name: str) -> None:
@@ -77,6 +125,12 @@ class _MaskedLinearMixin:
         self.lean = True
         # the Gumbel noise through one compiled kernel: None = on the platform's GPU
         self.fused_noise: Optional[bool] = None
+        # the fused Triton mask kernels: None = on the platform's GPU where triton is
+        # importable; False = PyTorch ops (for comparisons); True = always
+        self.fused_kernel: Optional[bool] = None
+        # build the lean masked weight once per step and share it between micro-batches
+        self.step_cache = True
+        self._mask_cache: Optional[_StepSample] = None
         device = self.weight.device
         cands = candidates(N, M, device=device)
         groups = in_local // M
@@ -108,6 +162,7 @@ class _MaskedLinearMixin:
     @torch.no_grad()
     def reset_mask_logits(self) -> None:
         """Logits ~ N(0, init_std), a function of (seed, layer name, global group, candidate)."""
+        self.clear_mask_cache()
         key = gumbel.init_key(self.sparsity.seed, self._require_id())
         values = gumbel.normal_logits(key, self.group_index(), self.mask_logits.shape[:-1],
                                       self.mask_logits.shape[-1], self.sparsity.init_std, self.mask_logits.device)
@@ -130,21 +185,54 @@ class _MaskedLinearMixin:
     def _noise_key(self) -> int:
         return gumbel.noise_key(self.sparsity.seed, self.sparsity.step, self._require_id())
 
+    def _draw(self):
+        s = self.sparsity
+        return (self.candidates, s.tau, s.kappa, self._noise_key(), self.group_index(), s.hard, self.fused_noise,
+                self.fused_kernel)
+
+    def clear_mask_cache(self) -> None:
+        """Free the cached masked weight of the current step (rebuilt on the next forward)."""
+        self._mask_cache = None
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.clear_mask_cache()
+        return super().train(mode)
+
+    def _cache_key(self) -> tuple:
+        s, w, lg = self.sparsity, self.weight, self.mask_logits
+        return (s.step, s.tau, s.kappa, s.hard, self._noise_key(), _OptimizerSteps.current(),
+                lg.data_ptr(), lg._version, w.data_ptr(), w._version, w.dtype, self.fused_noise, self.fused_kernel)
+
+    def _step_sample(self) -> _StepSample:
+        """This step's ``weight * mask`` and its squared norm, built on first use (no autograd)."""
+        key = self._cache_key()
+        entry = self._mask_cache
+        if entry is None or entry.key != key:
+            self._mask_cache = None  # free the previous step's before building
+            masked, sq = gumbel.sample_masked_weight(self.weight.detach(), self.mask_logits.detach(),
+                                                     *self._draw())
+            entry = self._mask_cache = _StepSample(key, masked, sq)
+        return entry
+
+    def _cached(self, weight: torch.Tensor) -> bool:
+        return self.lean and self.step_cache and weight is self.weight
+
     def effective_weight(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight megatron-core's linear multiplies by, for the current mode."""
         weight = self.weight if weight is None else weight
-        mode = self.sparsity.mode
-        if mode == "dense":
-            return weight
-        if self._sampling():
+        if not self._sampling():
+            self.clear_mask_cache()
+            if self.sparsity.mode == "dense":
+                return weight
+            return weight * self.hard_mask().to(weight.dtype)
+        if not self.lean:
             s = self.sparsity
-            if not self.lean:
-                mask = gumbel.gumbel_soft_mask(self.mask_logits, self.candidates, s.tau, s.kappa, self._noise_key(),
-                                               self.group_index(), s.hard, self.fused_noise)
-                return weight * mask.reshape(weight.shape).to(weight.dtype)
-            return gumbel.masked_weight(weight, self.mask_logits, self.candidates, s.tau, s.kappa,
-                                        self._noise_key(), self.group_index(), s.hard, self.fused_noise)
-        return weight * self.hard_mask().to(weight.dtype)
+            mask = gumbel.gumbel_soft_mask(self.mask_logits, self.candidates, s.tau, s.kappa, self._noise_key(),
+                                           self.group_index(), s.hard, self.fused_noise)
+            return weight * mask.reshape(weight.shape).to(weight.dtype)
+        sample = self._step_sample().masked if self._cached(weight) else None
+        return gumbel.masked_weight(weight, self.mask_logits, *self._draw(), sample=sample)
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         return super()._forward_impl(input, self.effective_weight(weight), *args, **kwargs)
@@ -154,10 +242,8 @@ class _MaskedLinearMixin:
         if self.sparsity.mode == "dense":
             raise RuntimeError("the sparse weight regulariser needs masks (sparsity mode is 'dense')")
         if self._sampling():
-            s = self.sparsity
-            return gumbel.masked_weight_sq_norm(self.weight.detach(), self.mask_logits, self.candidates, s.tau,
-                                                s.kappa, self._noise_key(), self.group_index(), s.hard,
-                                                self.fused_noise)
+            value = self._step_sample().sq_norm if self._cached(self.weight) else None
+            return gumbel.masked_weight_sq_norm(self.weight.detach(), self.mask_logits, *self._draw(), value=value)
         with torch.no_grad():
             return (self.weight.float() * self.hard_mask()).square().sum()
 
@@ -184,6 +270,7 @@ class _MaskedLinearMixin:
         overlap = prior @ self.candidates.t()  # [O, G, C]
         std = self._global_std(logits)
         logits.add_(alpha * std * (overlap - self.N / 2))
+        self.clear_mask_cache()
 
     def _global_std(self, t: torch.Tensor) -> torch.Tensor:
         stats = torch.stack([torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device),

@@ -427,6 +427,11 @@ class Run:
             if coeff > 0:
                 (-coeff * reg).backward()
             reg_value = reg.detach()
+        if self.sparsity is not None:
+            from megatron_ext.sparsity.model import masked_linears
+
+            for _, layer in masked_linears(self.model):
+                layer.clear_mask_cache()  # the step's masked weights are not needed past the backward
         self.optimizer.reduce_gradients()
         loss_avg = (loss_sum / args.num_microbatches).reshape(1)
         if self.dinfo.dp_size > 1:

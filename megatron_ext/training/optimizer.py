@@ -5,6 +5,7 @@ What Megatron-LM's DDP + mixed-precision optimizer do, for tensor x data paralle
 * Every trainable parameter gets a slice of one flat fp32 buffer. A hook runs when
   autograd has accumulated a parameter's gradient: it adds it into the slice (fp32
   accumulation over micro-batches, whatever the parameter's dtype) and frees it.
+  Mask logits also get the slice as ``main_grad``: their backward adds into it directly.
   Frozen parameters (the weights under ``--mask-only``) get neither a slice nor
   optimizer state.
 * ``reduce_gradients`` averages the buffer over the data-parallel group, bucket by
@@ -98,6 +99,10 @@ class TrainOptimizer:
                 self.entries.append(_Entry(names.get(id(p), f"param{len(self.entries)}"), p, main, view,
                                            _counts_in_norm(p, tp_rank)))
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate_into(view)))
+                if names.get(id(p), "").endswith("mask_logits"):
+                    # the mask backward adds straight into the buffer (megatron's main_grad
+                    # convention): no per-micro-batch gradient tensor, no AccumulateGrad pass
+                    p.main_grad = view
                 mains.append(main)
             torch_group = {k: v for k, v in g.items() if k != "params"}
             torch_group["params"] = mains
@@ -110,7 +115,8 @@ class TrainOptimizer:
     @staticmethod
     def _accumulate_into(view: torch.Tensor):
         def hook(param: torch.Tensor) -> None:
-            view.add_(param.grad)
+            if param.grad is not None:  # None: the gradient went into main_grad already
+                view.add_(param.grad)
             param.grad = None
         return hook
 

