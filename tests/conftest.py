@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ext import assets
+from megatron_ext import assets, platform
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,3 +43,11 @@ def smollm2_gguf_path() -> Path:
 def sample_dir() -> Path:
     """The shipped sample corpus and tokenizer (examples/data)."""
     return REPO / "examples" / "data"
+
+
+@pytest.fixture
+def tp1():
+    """A world of one with megatron's groups at TP=1, seeded (a test file may override it)."""
+    info = platform.init_distributed(1)
+    platform.seed_everything(1234)
+    return info

@@ -12,7 +12,6 @@ import pytest
 import torch
 import transformers
 
-from megatron_ext import platform
 from megatron_ext.models import build_model, get_config
 from megatron_ext.models import checkpoint as ckpt
 from megatron_ext.models.build import forward_logits
@@ -37,13 +36,6 @@ def smol_hf_model(smol_dir):
 @pytest.fixture(scope="module")
 def smol_tokenizer(smol_dir):
     return transformers.AutoTokenizer.from_pretrained(smol_dir)
-
-
-@pytest.fixture
-def tp1():
-    info = platform.init_distributed(1)
-    platform.seed_everything(1234)
-    return info
 
 
 def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:

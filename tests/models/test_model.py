@@ -15,13 +15,6 @@ from megatron_ext.models.build import forward_logits, lm_loss, transformer_confi
 from megatron_ext.models.spec import megatron_local_layer_spec
 
 
-@pytest.fixture
-def tp1():
-    info = platform.init_distributed(1)
-    platform.seed_everything(1234)
-    return info
-
-
 def _weights(model):
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 

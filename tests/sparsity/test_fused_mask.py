@@ -52,13 +52,6 @@ CFG = get_config("tiny")
 TAU, KAPPA = 0.7, 3.0
 
 
-@pytest.fixture
-def tp1():
-    info = platform.init_distributed(1)
-    platform.seed_everything(1234)
-    return info
-
-
 # ---------------------------------------------------------------------- kernels
 
 

@@ -18,13 +18,6 @@ from megatron_ext.sparsity.nm import candidates, topn_mask
 CFG = get_config("tiny")
 
 
-@pytest.fixture
-def tp1():
-    info = platform.init_distributed(1)
-    platform.seed_everything(1234)
-    return info
-
-
 def _tokens(batch=2, seq=24, seed=0):
     data = torch.randint(0, CFG.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
     return data[:, :-1], data[:, 1:]

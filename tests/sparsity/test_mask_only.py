@@ -4,20 +4,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_ext import platform
 from megatron_ext.models import get_config
 from megatron_ext.models.build import lm_loss
 from megatron_ext.sparsity import build_sparse_model, freeze_for_mask_only, mask_param_groups, masked_linears
 
 CFG = get_config("tiny")
 SEQ, BATCH = 48, 4
-
-
-@pytest.fixture
-def tp1():
-    info = platform.init_distributed(1)
-    platform.seed_everything(1234)
-    return info
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,6 @@ CFG = get_config("tiny")  # vocabulary 1000 = the botchan SentencePiece model
 SEQ = 64
 
 
-@pytest.fixture
-def tp1():
-    info = platform.init_distributed(1)
-    platform.seed_everything(1234)
-    return info
-
-
 @pytest.fixture(scope="module")
 def botchan_tokenizer_dir(tmp_path_factory, botchan_bpe_model):
     d = tmp_path_factory.mktemp("tok")
