@@ -20,7 +20,6 @@ the next save.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
