@@ -105,7 +105,7 @@ def emit(text: str, out: Optional[str]) -> None:
     """Print ``text`` and, with ``out``, write it there (atomically)."""
     print(text, flush=True)
     if out:
-        from megatron_ext.models.hf import atomic_write_text
+        from megatron_ext.checkpoint import atomic_write_text
 
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write_text(out, text + "\n")

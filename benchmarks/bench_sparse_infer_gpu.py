@@ -188,7 +188,7 @@ def build_hf(cfg, dtype):
     """transformers' LlamaForCausalLM from our config, random weights, on the platform's device."""
     import transformers
 
-    from megatron_ext.models.hf import to_hf_config
+    from megatron_ext.checkpoint import to_hf_config
 
     hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa")
     torch.manual_seed(0)

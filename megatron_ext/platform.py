@@ -274,3 +274,86 @@ def _triton_importable() -> bool:
     except ImportError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------- process-group questions
+# The one place that asks torch.distributed and megatron's parallel state where this
+# process stands. Each works in a plain process (a world of one) too.
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def _reduce_flag(value: bool, op) -> bool:
+    if world_size() == 1:
+        return value
+    flag = torch.tensor([1 if value else 0], dtype=torch.int32, device=device())
+    dist.all_reduce(flag, op=op)
+    return bool(flag.item())
+
+
+def all_agree(ok: bool) -> bool:
+    """Collective: True on every rank when ``ok`` is True on every rank."""
+    return _reduce_flag(ok, dist.ReduceOp.MIN)
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective: True on every rank when ``flag`` is True on some rank."""
+    return _reduce_flag(flag, dist.ReduceOp.MAX)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _parallel_state():
+    from megatron.core import parallel_state
+
+    return parallel_state if parallel_state.model_parallel_is_initialized() else None
+
+
+def tp_size() -> int:
+    ps = _parallel_state()
+    return ps.get_tensor_model_parallel_world_size() if ps else 1
+
+
+def tp_rank() -> int:
+    ps = _parallel_state()
+    return ps.get_tensor_model_parallel_rank() if ps else 0
+
+
+def dp_size() -> int:
+    ps = _parallel_state()
+    return ps.get_data_parallel_world_size() if ps else 1
+
+
+def dp_rank() -> int:
+    ps = _parallel_state()
+    return ps.get_data_parallel_rank() if ps else 0
+
+
+def tp_group():
+    """megatron's tensor-parallel group (None outside a parallel setup)."""
+    ps = _parallel_state()
+    return ps.get_tensor_model_parallel_group() if ps else None
+
+
+def dp_group():
+    ps = _parallel_state()
+    return ps.get_data_parallel_group() if ps else None
+
+
+def mp_group():
+    """The model-parallel group (TP here: pipeline parallelism is 1)."""
+    ps = _parallel_state()
+    return ps.get_model_parallel_group() if ps else None

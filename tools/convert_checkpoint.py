@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_ext.models.checkpoint import CheckpointError, convert_checkpoint
+    from megatron_ext.checkpoint import CheckpointError, convert_checkpoint
     from megatron_ext.models.config import ConfigError
 
     if args.target_tp is not None and args.target_tp < 1:

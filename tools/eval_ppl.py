@@ -47,7 +47,7 @@ def _bake_hard_masks(state_dict):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_ext import platform
-    from megatron_ext.models.perplexity import evaluate
+    from megatron_ext.evaluation import evaluate
 
     try:
         info = platform.init_distributed(args.tensor_model_parallel_size)

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_ext.models.checkpoint import CheckpointError
+    from megatron_ext.checkpoint import CheckpointError
     from megatron_ext.sparsity.export import ExportError, export_sparse
 
     try:

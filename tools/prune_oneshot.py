@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_ext import platform
-    from megatron_ext.models.checkpoint import CheckpointError
+    from megatron_ext.checkpoint import CheckpointError
     from megatron_ext.models.config import ConfigError
     from megatron_ext.models.perplexity import PerplexityError
     from megatron_ext.sparsity.oneshot import OneShotError, PruneOptions, prune_checkpoint

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
+from megatron_ext.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """An invalid configuration or an impossible tensor-parallel size."""
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from megatron_ext.models.config import LlamaConfig
-from megatron_ext.models.hf import CheckpointError, save_hf_checkpoint
+from megatron_ext.checkpoint import CheckpointError, save_hf_checkpoint
 
 
 class GGUFImportError(CheckpointError):
@@ -80,6 +80,122 @@ def _field(reader, key: str, default: Any = None, required: bool = False, path: 
     return f.contents()
 
 
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4
+
+
+def _diagnose(path: Path) -> str | None:
+    """Walk a GGUF file's layout (header, metadata, tensor infos, data extents) and say
+    what is first wrong with it, naming the field or tensor; None when the layout holds.
+
+    The gguf reader fails on a corrupt body with whatever numpy or struct error the bad
+    bytes cause; this walk checks every length against the bytes that remain first.
+    """
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    data = path.read_bytes() if path.stat().st_size < (1 << 20) else None
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        head = f.read(min(size, 1 << 26)) if data is None else data
+    pos = 0
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if n < 0 or pos + n > len(head):
+            where = "the end of the file" if len(head) == size else "the first 64 MiB (metadata that large is corrupt)"
+            raise _Bad(f"{what} at byte {pos} needs {n} bytes, past {where} ({size} bytes)")
+        out = head[pos : pos + n]
+        pos += n
+        return out
+
+    def u32(what: str) -> int:
+        return struct.unpack("<I", take(4, what))[0]
+
+    def u64(what: str) -> int:
+        return struct.unpack("<Q", take(8, what))[0]
+
+    def string(what: str) -> str:
+        n = u64(f"{what}: length")
+        if n > len(head) - pos:
+            raise _Bad(f"{what}: string length {n} at byte {pos - 8} runs past the end of the file ({size} bytes)")
+        raw = take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Bad(f"{what}: not valid UTF-8 at byte {pos - n + e.start}") from None
+
+    def value(vtype: int, what: str):
+        if vtype == _STRING:
+            return string(what)
+        if vtype in _SCALAR_SIZES:
+            return take(_SCALAR_SIZES[vtype], what)
+        if vtype == _ARRAY:
+            itype = u32(f"{what}: array item type")
+            count = u64(f"{what}: array length")
+            smallest = 8 if itype == _STRING else _SCALAR_SIZES.get(itype, 1 if itype == _ARRAY else 0)
+            if itype != _ARRAY and itype not in _SCALAR_SIZES and itype != _STRING:
+                raise _Bad(f"{what}: unknown array item type {itype} at byte {pos - 12}")
+            if count * smallest > len(head) - pos:
+                raise _Bad(f"{what}: array of {count} items at byte {pos - 8} cannot fit in the "
+                           f"{size - pos} bytes left in the file")
+            for i in range(count):
+                value(itype, f"{what}[{i}]")
+            return None
+        raise _Bad(f"{what}: unknown value type {vtype} at byte {pos - 4}")
+
+    try:
+        if take(4, "magic") != b"GGUF":
+            return "bad magic (not a GGUF file)"
+        version = u32("version")
+        if version not in (2, 3):
+            return f"unsupported GGUF version {version}"
+        n_tensors = u64("tensor count")
+        n_kv = u64("metadata count")
+        alignment = 32
+        for i in range(n_kv):
+            key = string(f"metadata field #{i} key")
+            vtype = u32(f"metadata field {key!r}: type")
+            start = pos
+            value(vtype, f"metadata field {key!r}")
+            if key == "general.alignment" and vtype == 4:
+                alignment = struct.unpack("<I", head[start : start + 4])[0] or 32
+        infos = []
+        for i in range(n_tensors):
+            name = string(f"tensor info #{i} name")
+            n_dims = u32(f"tensor {name!r}: dimension count")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                return f"tensor {name!r}: {n_dims} dimensions (GGUF allows 1 to {_MAX_DIMS})"
+            dims = [u64(f"tensor {name!r}: dimension {d}") for d in range(n_dims)]
+            ttype = u32(f"tensor {name!r}: type")
+            offset = u64(f"tensor {name!r}: data offset")
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                return f"tensor {name!r}: unknown tensor type {ttype}"
+            elements = 1
+            for d in dims:
+                elements *= d
+            if elements % block:
+                return f"tensor {name!r}: shape {dims} is not a whole number of {block}-element blocks"
+            infos.append((name, dims, offset, elements // block * type_size))
+        data_start = (pos + alignment - 1) // alignment * alignment
+        for name, dims, offset, n_bytes in infos:
+            if data_start + offset + n_bytes > size:
+                return (f"tensor {name!r} (shape {dims}): data at bytes {data_start + offset}.."
+                        f"{data_start + offset + n_bytes} runs past the end of the file ({size} bytes): "
+                        f"the file is truncated or its tensor table is corrupt")
+    except _Bad as e:
+        return str(e)
+    return None
+
+
+class _Bad(Exception):
+    pass
+
+
 def _open(path: Path):
     import gguf
 
@@ -88,7 +204,11 @@ def _open(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError/struct errors for bad files
-        raise GGUFImportError(f"{path}: not a readable GGUF file ({e})") from None
+        try:
+            detail = _diagnose(path)
+        except Exception:  # the diagnosis is best effort; the reader's error stands
+            detail = None
+        raise GGUFImportError(f"{path}: {detail or f'not a readable GGUF file ({e})'}") from None
 
 
 def _f32(x: float) -> float:
@@ -155,8 +275,18 @@ def gguf_state_dict(reader, cfg: LlamaConfig, path: Path) -> dict[str, torch.Ten
         except NotImplementedError:
             raise GGUFImportError(f"{path}: tensor {t.name!r}: quantization {t.tensor_type.name} "
                                   "cannot be dequantized by the installed gguf package") from None
+        except (ValueError, IndexError, TypeError) as e:
+            raise GGUFImportError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}, shape "
+                                  f"{list(int(x) for x in t.shape)}): corrupt data ({e})") from None
         shape = tuple(int(x) for x in reversed(t.shape))
-        w = torch.from_numpy(np.array(arr, dtype=np.float32, order="C")).reshape(shape)
+        try:
+            w = torch.from_numpy(np.array(arr, dtype=np.float32, order="C")).reshape(shape)
+        except RuntimeError as e:
+            raise GGUFImportError(f"{path}: tensor {t.name!r}: {e}") from None
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise GGUFImportError(f"{path}: tensor {t.name!r} has {bad} non-finite values (NaN or inf): "
+                                  "its data is corrupt")
         if name.endswith("q_proj.weight"):
             w = unpermute_rotary(w, cfg.num_attention_heads)
         elif name.endswith("k_proj.weight"):
@@ -195,6 +325,9 @@ def gguf_tokenizer_files(reader, path: Path, max_length: int) -> dict[str, str]:
                               "(only GPT-2 style byte-level BPE, tokenizer.ggml.model == 'gpt2')")
     tokens = _token_strings(reader, path)
     types = _field(reader, "tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise GGUFImportError(f"{path}: metadata field 'tokenizer.ggml.token_type' has {len(types)} entries but "
+                              f"'tokenizer.ggml.tokens' has {len(tokens)}")
     merges = _field(reader, "tokenizer.ggml.merges")
     if not merges:
         raise GGUFImportError(f"{path}: BPE tokenizer without tokenizer.ggml.merges")
@@ -270,7 +403,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     cfg = gguf_config(reader, path)
     tok_files = gguf_tokenizer_files(reader, path, cfg.max_position_embeddings)
     sd = gguf_state_dict(reader, cfg, path)
-    from megatron_ext.models.hf import hf_tensor_shapes
+    from megatron_ext.checkpoint import hf_tensor_shapes
 
     expected = hf_tensor_shapes(cfg)
     for key, shape in expected.items():

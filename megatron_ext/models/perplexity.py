@@ -15,22 +15,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from megatron_ext.models.checkpoint import (
-    hf_to_mcore,
-    infer_tokenizer_type,
-    load_into_model,
-    load_rank_state_dict,
-    read_checkpoint_info,
-)
-from megatron_ext.models.config import LlamaConfig
-from megatron_ext.models.hf import CONFIG_NAME, parse_dtype, read_hf_checkpoint
+from megatron_ext.errors import InputError
 
 
-class PerplexityError(ValueError):
+class PerplexityError(InputError):
     """Bad input for a perplexity run (text, checkpoint, flags); the message says which."""
 
 
@@ -145,104 +136,3 @@ def evaluate_windows(model: torch.nn.Module, windows: np.ndarray, vocab_size: in
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class LoadedModel:
-    config: LlamaConfig
-    state_dict: dict[str, torch.Tensor]
-    tokenizer_type: str | None
-    tokenizer_dir: Path | None
-    source: str  # "hf" or "megatron"
-
-
-# Mask tensors a sparse checkpoint carries per masked linear (the sparsity layer's names).
-MASK_SUFFIXES = (".mask_logits", ".hard_mask")
-
-
-def has_masks(sd: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.endswith(MASK_SUFFIXES) for k in sd)
-
-
-def strip_masks(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The dense weights alone (what a dense evaluation of a sparse checkpoint uses)."""
-    return {k: v for k, v in sd.items() if not k.endswith(MASK_SUFFIXES)}
-
-
-def load_for_rank(load: str | os.PathLike, tp: int, rank: int, tokenizer_type: str | None = None) -> LoadedModel:
-    """This TP rank's state dict from a Hugging Face directory or one of our checkpoints
-    (resharded in memory when it was saved at another TP)."""
-    path = Path(load)
-    if not path.exists():
-        raise PerplexityError(f"{path}: checkpoint not found")
-    if (path / CONFIG_NAME).is_file():
-        cfg, hf_sd = read_hf_checkpoint(path)
-        sd = hf_to_mcore(hf_sd, cfg, tp)[rank]
-        tok_dir = path if infer_tokenizer_type(path) else None
-        return LoadedModel(cfg, sd, tokenizer_type or infer_tokenizer_type(path), tok_dir, "hf")
-    info, sd = load_rank_state_dict(path, tp, rank)
-    return LoadedModel(info.config, sd, tokenizer_type or info.tokenizer_type, info.tokenizer_dir, "megatron")
-
-
-def build_tokenizer_for(loaded: LoadedModel, where: str):
-    from megatron_ext.data.tokenizers import build_tokenizer
-
-    if loaded.tokenizer_dir is None or loaded.tokenizer_type is None:
-        raise PerplexityError(f"{where}: no tokenizer comes with this checkpoint (tokenizer files missing)")
-    return build_tokenizer(loaded.tokenizer_type, str(loaded.tokenizer_dir))
-
-
-def evaluate(load: str | os.PathLike, *, seq_length: int, text_file: str | os.PathLike | None = None,
-             data_path: str | os.PathLike | None = None, micro_batch_size: int = 1, sparse: bool = False,
-             params_dtype: str | torch.dtype = "fp32", tokenizer_type: str | None = None,
-             max_windows: int | None = None,
-             apply_masks: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-             ) -> PerplexityResult:
-    """Perplexity of the checkpoint ``load`` on a text file or a tokenized dataset.
-
-    Needs megatron's parallel state (``platform.init_distributed(tp)``); the TP size is
-    the current one. Every rank returns the same result. A dense run ignores any mask
-    tensors; ``sparse=True`` needs a checkpoint with masks and ``apply_masks``, which
-    maps this rank's state dict to dense weights with the hard masks applied (the
-    sparsity layer's, passed in by the caller: this layer does not import it).
-    """
-    from megatron.core import parallel_state
-
-    from megatron_ext import platform
-    from megatron_ext.models.build import build_model
-
-    if (text_file is None) == (data_path is None):
-        raise PerplexityError("give exactly one of --text-file and --data-path")
-    # Cheap checks before any weight is read.
-    if text_file is not None and not Path(text_file).is_file():
-        raise PerplexityError(f"{text_file}: text file not found")
-    path = Path(load)
-    if not path.exists():
-        raise PerplexityError(f"{path}: checkpoint not found")
-    if not (path / CONFIG_NAME).is_file():
-        read_checkpoint_info(path)  # validates the layout, names what is wrong
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    loaded = load_for_rank(path, tp, rank, tokenizer_type)
-    if sparse:
-        if not has_masks(loaded.state_dict):
-            raise PerplexityError(f"{path}: checkpoint has no masks "
-                                  "(--sparse needs a checkpoint saved with sparsity masks)")
-        if apply_masks is None:
-            raise PerplexityError("sparse evaluation needs a function applying the hard masks")
-        state_dict = strip_masks(apply_masks(loaded.state_dict))
-    else:
-        state_dict = strip_masks(loaded.state_dict)
-    if text_file is not None:
-        tokens = text_tokens(text_file, build_tokenizer_for(loaded, str(path)))
-    else:
-        tokens = dataset_tokens(data_path)
-    windows = make_windows(tokens, seq_length)
-    if max_windows is not None:
-        windows = windows[:max_windows]
-    cfg = loaded.config
-    # every parameter is overwritten by the checkpoint: skip the random initialisation
-    model = build_model(cfg, parse_dtype(params_dtype), config_overrides={"perform_initialization": False})
-    load_into_model(model, state_dict)
-    del loaded, state_dict
-    return evaluate_windows(model, windows, cfg.vocab_size, micro_batch_size, platform.device())

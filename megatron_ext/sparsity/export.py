@@ -34,14 +34,15 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_ext.models.checkpoint import (
+from megatron_ext.errors import InputError
+from megatron_ext.checkpoint import (
     CheckpointError,
     load_checkpoint,
     mcore_to_hf,
     merge_tp,
     save_checkpoint,
 )
-from megatron_ext.models.hf import CONFIG_NAME, load_hf_state_dict, save_hf_checkpoint
+from megatron_ext.checkpoint import CONFIG_NAME, load_hf_state_dict, save_hf_checkpoint
 from megatron_ext.sparsity import nm
 from megatron_ext.sparsity.masks import HARD_MASK_SUFFIX, LOGITS_SUFFIX, extract_hard_masks
 
@@ -59,7 +60,7 @@ _ORDER = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear
           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """Bad input for an export or a check (file, flag, masks); the message names it."""
 
 

@@ -96,7 +96,7 @@ def load_prior_masks(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]
     else:
         path = Path(source)
         if path.is_dir():
-            from megatron_ext.models.checkpoint import load_rank_state_dict
+            from megatron_ext.checkpoint import load_rank_state_dict
 
             tp, rank = _tp_position()
             _, sd = load_rank_state_dict(path, tp, rank)

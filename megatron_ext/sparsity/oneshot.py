@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ext.errors import InputError
 from megatron_ext.sparsity import nm
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -64,7 +65,7 @@ ROW_PARALLEL = ("self_attention.linear_proj", "mlp.linear_fc2")
 MASK_SUFFIXES = (".hard_mask", ".mask_logits")
 
 
-class OneShotError(ValueError):
+class OneShotError(InputError):
     """Bad input for one-shot pruning (flag, file, shapes); the message names it."""
 
 
@@ -535,10 +536,10 @@ def prune_checkpoint(load: str | os.PathLike, save: Optional[str | os.PathLike],
     from megatron.core import parallel_state as ps
 
     from megatron_ext.models.build import build_model
-    from megatron_ext.models.checkpoint import (iteration_dir_name, load_into_model, model_state_dict,
+    from megatron_ext.checkpoint import (iteration_dir_name, load_into_model, model_state_dict,
                                                 save_checkpoint)
-    from megatron_ext.models.hf import parse_dtype
-    from megatron_ext.models.perplexity import build_tokenizer_for, load_for_rank
+    from megatron_ext.checkpoint import parse_dtype
+    from megatron_ext.checkpoint.io import build_tokenizer_for, load_for_rank
 
     t0 = time.perf_counter()
     opts.validate()

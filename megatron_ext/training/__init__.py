@@ -1,17 +1,23 @@
-"""Training: Megatron-style flags, the loop, optimizer, schedules, checkpoints and logs.
+"""A generic trainer on megatron-core: Megatron-style flags, the loop, and its components.
 
-``pretrain(argv)`` is the whole run (``pretrain_maskllm.py`` and
-``python -m megatron_ext.train`` call it); the pieces are importable on their own:
+It knows no sparsity: methods attach as plug-ins (``plugins.TrainerPlugin``), which the
+entry point hands over (``megatron_ext.train`` wires MaskLLM). The pieces:
 
-* ``arguments``: ``parse_args``, ``validate_parallel``, ``ArgsError``;
-* ``schedules``: ``LRSchedule``, ``ParamScheduler`` (megatron-core's semantics);
-* ``optimizer``: ``TrainOptimizer`` (fp32 gradient buffer, DP all-reduce, global-norm clip, AdamW);
-* ``checkpointing``: collective atomic saves with optimizer / RNG / data position, loading;
+* ``arguments``: the flags (``parse_args(argv, plugins)``), ``ArgsError``;
+* ``config``: ``RunConfig``, the frozen sections every component receives;
+* ``plugins``: the plug-in interface;
+* ``setup``: checkpoint to resume, tokenizer, model configuration;
 * ``data``: the run's datasets and Megatron's pretraining sampler order;
+* ``optimizer``: ``TrainOptimizer`` (fp32 gradient buffer, DP all-reduce, global-norm clip, AdamW);
+* ``schedules``: ``LRSchedule``, ``ParamScheduler`` (megatron-core's semantics);
 * ``evaluate``, ``reporting``: held-out loss, stdout / file / TensorBoard logs;
 * ``loop``: ``Run``, ``pretrain``, ``TrainResult``.
-"""
-from megatron_ext.training.arguments import ArgsError, parse_args, validate_parallel
-from megatron_ext.training.loop import Run, TrainingError, TrainResult, pretrain
 
-__all__ = ["ArgsError", "Run", "TrainResult", "TrainingError", "parse_args", "pretrain", "validate_parallel"]
+Checkpoints (the training state included) are ``megatron_ext.checkpoint``'s.
+"""
+from megatron_ext.training.arguments import ArgsError, parse_args
+from megatron_ext.training.config import RunConfig
+from megatron_ext.training.loop import Run, TrainingError, TrainResult, pretrain
+from megatron_ext.training.plugins import TrainerPlugin
+
+__all__ = ["ArgsError", "Run", "RunConfig", "TrainResult", "TrainerPlugin", "TrainingError", "parse_args", "pretrain"]

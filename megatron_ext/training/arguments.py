@@ -5,9 +5,10 @@ implemented, or accepted because they describe what our models always are (LLaMA
 RMSNorm, SwiGLU, rotary embeddings, no biases) or a kernel choice with no effect
 here. Anything else fails at start, naming the flag.
 
-``parse_args(argv)`` does the syntax and every check that needs no process group;
-``validate_parallel(args, world_size)`` adds the data-parallel size and the checks
-that depend on it. Both raise ``ArgsError`` (a ``ValueError``) naming the flag.
+``parse_args(argv, plugins)`` does the syntax and every check that needs no process
+group, for the trainer's flags and each plug-in's group; ``config.RunConfig.from_args``
+adds the data-parallel size and the checks that depend on it. Both raise ``ArgsError``
+(an ``InputError``) naming the flag.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+from megatron_ext.errors import InputError
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES
 
 # Flags a Megatron-LM script may carry that select kernels or runtime details we do not
@@ -33,7 +35,7 @@ ARCH_SWITCHES = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-emb
 DEFAULT_LOG_DIR = os.path.join("output", "logs")
 
 
-class ArgsError(ValueError):
+class ArgsError(InputError):
     """A bad or conflicting command-line flag (the message names it)."""
 
 
@@ -44,17 +46,9 @@ class _Parser(argparse.ArgumentParser):
         raise ArgsError(message)
 
 
-def _pair(name: str):
-    def convert(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a number") from None
-    return convert
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pretrain_maskllm.py", allow_abbrev=False,
+def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py") -> argparse.ArgumentParser:
+    """The trainer's flags, then each plug-in's group."""
+    p = _Parser(prog=prog, allow_abbrev=False,
                 description="Train LLaMA models on megatron-core: dense (pre)training, fine-tuning and "
                             "MaskLLM learnable N:M sparsity, with Megatron-LM's flag names.")
 
@@ -161,18 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp-name", help="Megatron-LM's name for --tag")
     g.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help=f"default {DEFAULT_LOG_DIR}")
 
-    g = p.add_argument_group("learnable N:M sparsity (MaskLLM)")
-    g.add_argument("--mask-only", action="store_true", help="train the mask logits only (weights frozen)")
-    g.add_argument("--N", "--sparsity-n", dest="N", type=int, help="kept weights per group (default 2)")
-    g.add_argument("--M", "--sparsity-m", dest="M", type=int, help="group size (default 4)")
-    g.add_argument("--hard", action="store_true", help="straight-through one-hot mask samples")
-    g.add_argument("--gumbel-temperature-range", nargs=2, type=_pair("--gumbel-temperature-range"),
-                   metavar=("START", "END"))
-    g.add_argument("--gumbel-scale-range", nargs=2, type=_pair("--gumbel-scale-range"), metavar=("START", "END"))
-    g.add_argument("--prior-strength", type=float, help="needs --prior-mask")
-    g.add_argument("--prior-mask", help="checkpoint (or .pt state dict) with hard_mask or mask_logits entries")
-    g.add_argument("--weight-reg", type=float, help="sparse weight regulariser lambda")
-    g.add_argument("--lr-mult", type=float, help="learning-rate multiplier of the mask logits")
+    for plugin in plugins:
+        plugin.add_arguments(p)
 
     g = p.add_argument_group("accepted for compatibility (no effect)")
     for flag in NO_EFFECT_FLAGS:
@@ -180,9 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SPARSITY_ONLY = (("hard", "--hard"), ("gumbel_temperature_range", "--gumbel-temperature-range"),
-                 ("gumbel_scale_range", "--gumbel-scale-range"), ("prior_strength", "--prior-strength"),
-                 ("prior_mask", "--prior-mask"), ("weight_reg", "--weight-reg"), ("lr_mult", "--lr-mult"))
 ARCH_FIELDS = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),
                ("ffn_hidden_size", "--ffn-hidden-size"), ("num_attention_heads", "--num-attention-heads"),
                ("num_query_groups", "--num-query-groups"), ("max_position_embeddings", "--max-position-embeddings"),
@@ -204,10 +185,13 @@ def _positive(args, name: str, flag: str, allow_zero: bool = False) -> None:
              f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse and check the flags (everything but what needs the world size)."""
-    args = build_parser().parse_args(argv)
+def parse_args(argv: Optional[Sequence[str]] = None, plugins: Sequence[type] = ()) -> argparse.Namespace:
+    """Parse and check the flags (everything but what needs the world size): the trainer's,
+    then each plug-in's. ``RunConfig.from_args`` turns the result into the run's sections."""
+    args = build_parser(plugins).parse_args(argv)
     check_args(args)
+    for plugin in plugins:
+        plugin.check_args(args)
     return args
 
 
@@ -222,12 +206,11 @@ def check_args(args: argparse.Namespace) -> None:
                        ("lr", "--lr"), ("eval_interval", "--eval-interval"), ("log_interval", "--log-interval"),
                        ("save_interval", "--save-interval"), ("keep_last", "--keep-last"),
                        ("exit_interval", "--exit-interval"), ("lr_decay_iters", "--lr-decay-iters"),
-                       ("adam_eps", "--adam-eps"), ("N", "--N"), ("M", "--M"), ("lr_mult", "--lr-mult")):
+                       ("adam_eps", "--adam-eps")):
         _positive(args, name, flag)
     for name, flag in (("min_lr", "--min-lr"), ("lr_warmup_iters", "--lr-warmup-iters"),
                        ("lr_warmup_init", "--lr-warmup-init"), ("weight_decay", "--weight-decay"),
                        ("clip_grad", "--clip-grad"), ("eval_iters", "--eval-iters"), ("seed", "--seed"),
-                       ("prior_strength", "--prior-strength"), ("weight_reg", "--weight-reg"),
                        ("init_method_std", "--init-method-std"), ("num_workers", "--num-workers")):
         _positive(args, name, flag, allow_zero=True)
     for name, flag in (("adam_beta1", "--adam-beta1"), ("adam_beta2", "--adam-beta2")):
@@ -271,49 +254,9 @@ def check_args(args: argparse.Namespace) -> None:
         _require(args.save is not None, "--keep-last needs --save")
     _require(not args.finetune or args.load is not None, "--finetune needs --load")
 
-    # sparsity
-    args.sparse = bool(args.mask_only or args.N is not None or args.M is not None)
-    if not args.sparse:
-        given = [flag for name, flag in SPARSITY_ONLY if getattr(args, name) not in (None, False)]
-        _require(not given, f"{given[0] if given else ''} applies to learnable sparsity: add --mask-only "
-                            "(masks only) or --N/--M (weights and masks)")
-    else:
-        args.N = 2 if args.N is None else args.N
-        args.M = 4 if args.M is None else args.M
-        _require(args.N < args.M, f"--N {args.N} must be smaller than --M {args.M}")
-        args.gumbel_temperature_range = tuple(args.gumbel_temperature_range or (4.0, 0.05))
-        args.gumbel_scale_range = tuple(args.gumbel_scale_range or (1e2, 5e2))
-        for flag, pair in (("--gumbel-temperature-range", args.gumbel_temperature_range),
-                           ("--gumbel-scale-range", args.gumbel_scale_range)):
-            _require(all(v > 0 and math.isfinite(v) for v in pair), f"{flag} values must be finite and > 0, "
-                                                                    f"got {pair[0]} {pair[1]}")
-        _require(args.prior_strength is None or args.prior_mask is not None,
-                 "--prior-strength needs --prior-mask PATH (a one-shot checkpoint with hard_mask entries)")
-        _require(args.prior_mask is None or args.prior_strength is not None,
-                 "--prior-mask needs --prior-strength (e.g. 3.0)")
-        args.weight_reg = args.weight_reg or 0.0
-        args.lr_mult = 1.0 if args.lr_mult is None else args.lr_mult
-
     # logging
     if args.tag is not None and args.exp_name is not None:
         _require(args.tag == args.exp_name, f"--tag {args.tag!r} and --exp-name {args.exp_name!r} disagree")
     args.tag = args.tag or args.exp_name or (os.path.basename(os.path.normpath(args.save)) if args.save else "run")
     _require(os.sep not in args.tag and args.tag not in ("", ".", ".."),
              f"--tag {args.tag!r} must be a plain name (it names a directory under --log-dir)")
-
-
-def validate_parallel(args: argparse.Namespace, world_size: int) -> None:
-    """Data-parallel size, global batch and micro-batch counts for ``world_size`` processes."""
-    tp = args.tensor_model_parallel_size
-    _require(world_size % tp == 0,
-             f"--tensor-model-parallel-size {tp} does not divide the number of processes {world_size}")
-    dp = world_size // tp
-    args.world_size = world_size
-    args.data_parallel_size = dp
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    per_step = args.micro_batch_size * dp
-    _require(args.global_batch_size % per_step == 0,
-             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-             f"{args.micro_batch_size} x data-parallel size {dp} (= {per_step})")
-    args.num_microbatches = args.global_batch_size // per_step

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
+from megatron_ext.errors import InputError
 from megatron_ext.data.blend import build_gpt_datasets, parse_blend
 from megatron_ext.data.gpt_dataset import GPTDatasetConfig, PAD_TOKEN_ID_NONE
 
+if TYPE_CHECKING:
+    from megatron_ext.training.config import DataConfig
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """Missing or unusable training data (the message names the flag and the file)."""
 
 
@@ -53,33 +57,34 @@ def check_data_paths(data_path: str, flag: str) -> None:
                 raise DataError(f"{flag}: {prefix + suffix} does not exist")
 
 
-def dataset_config(args, tokenizer) -> GPTDatasetConfig:
+def dataset_config(data: "DataConfig", tokenizer) -> GPTDatasetConfig:
     pad = getattr(tokenizer, "pad", None)
     return GPTDatasetConfig(
-        sequence_length=args.seq_length,
+        sequence_length=data.seq_length,
         eod_token_id=tokenizer.eod,
-        random_seed=args.seed,
+        random_seed=data.seed,
         pad_token_id=PAD_TOKEN_ID_NONE if pad is None else int(pad),
-        reset_position_ids=args.reset_position_ids,
-        eod_mask_loss=args.eod_mask_loss,
+        reset_position_ids=data.reset_position_ids,
+        eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=False,
-        data_cache_path=args.data_cache_path,
+        data_cache_path=data.data_cache_path,
     )
 
 
-def build_datasets(args, tokenizer) -> Datasets:
-    """The run's datasets (``valid``/``test`` None for an empty split or no evaluation)."""
-    config = dataset_config(args, tokenizer)
-    counts = sample_counts(args.train_iters, args.global_batch_size, args.eval_interval, args.eval_iters)
-    if args.eval_iters == 0:
-        counts[1] = counts[2] = 0
-    train, valid, test = build_gpt_datasets(config, args.data_path, args.split, counts)
+def build_datasets(data: "DataConfig", counts: List[int], tokenizer) -> Datasets:
+    """The run's datasets for ``[train, valid, test]`` sample counts (``sample_counts``);
+    ``valid``/``test`` are None for an empty split or no evaluation (zero counts)."""
+    config = dataset_config(data, tokenizer)
+    evaluate = counts[1] > 0
+    if not evaluate:
+        counts = [counts[0], 0, 0]
+    train, valid, test = build_gpt_datasets(config, data.data_path, data.split, counts)
     if train is None:
-        raise DataError(f"--split {args.split!r} leaves no training data")
+        raise DataError(f"--split {data.split!r} leaves no training data")
     extra = None
-    if args.eval_data_path is not None:
-        _, extra, _ = build_gpt_datasets(config, args.eval_data_path, "0,1,0", [0, counts[1], 0])
-    if args.eval_iters == 0:
+    if data.eval_data_path is not None and evaluate:
+        _, extra, _ = build_gpt_datasets(config, data.eval_data_path, "0,1,0", [0, counts[1], 0])
+    if not evaluate:
         valid = test = extra = None
     return Datasets(train, valid, test, extra)
 

@@ -26,12 +26,15 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron_ext.errors import MegatronExtError
 
 DEFAULT_BUCKET_NUMEL = 40_000_000
 
 
-class OptimizerStateError(ValueError):
+class OptimizerStateError(MegatronExtError, ValueError):
     """Optimizer state that does not fit the model (the message names the checkpoint)."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -49,17 +52,19 @@ def _counts_in_norm(p: torch.nn.Parameter, tp_rank: int) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
 
 
-def param_groups(model: torch.nn.Module, lr: float, min_lr: float, lr_mult: float = 1.0) -> List[Dict[str, Any]]:
-    """Megatron's groups over the trainable parameters: matrices with weight decay; vectors
-    (norms) without; mask logits without, at ``lr * lr_mult`` (min ``min_lr * lr_mult``)."""
-    from megatron_ext.sparsity.model import mask_param_groups
-
-    groups = []
-    for g in mask_param_groups(model, lr, lr_mult=lr_mult, weight_decay=1.0):
-        group = {"name": g["name"], "params": g["params"], "wd_mult": float(g["weight_decay"])}
-        if g["name"] == "mask_logits":
-            group.update(max_lr=lr * lr_mult, min_lr=min_lr * lr_mult)
-        groups.append(group)
+def param_groups(model: torch.nn.Module, claimed: Sequence[Mapping[str, Any]] = ()) -> List[Dict[str, Any]]:
+    """Megatron's groups over the trainable parameters: ``claimed`` groups first (a plug-in's,
+    with their own ``max_lr`` / ``min_lr`` / ``wd_mult``), then the other matrices with weight
+    decay ("weights") and vectors (norms) without ("no_decay"). Frozen parameters are left out."""
+    taken = {id(p) for g in claimed for p in g["params"]}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in taken:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [dict(g) for g in claimed if g["params"]]
+    groups += [{"name": name, "params": params, "wd_mult": wd}
+               for name, params, wd in (("weights", decay, 1.0), ("no_decay", no_decay, 0.0)) if params]
     return groups
 
 
@@ -99,12 +104,13 @@ class TrainOptimizer:
                 self.entries.append(_Entry(names.get(id(p), f"param{len(self.entries)}"), p, main, view,
                                            _counts_in_norm(p, tp_rank)))
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._accumulate_into(view)))
-                if names.get(id(p), "").endswith("mask_logits"):
-                    # the mask backward adds straight into the buffer (megatron's main_grad
-                    # convention): no per-micro-batch gradient tensor, no AccumulateGrad pass
+                if g.get("main_grad"):
+                    # a layer that accumulates this gradient itself adds straight into the
+                    # buffer (megatron's main_grad convention): no per-micro-batch gradient
+                    # tensor, no AccumulateGrad pass
                     p.main_grad = view
                 mains.append(main)
-            torch_group = {k: v for k, v in g.items() if k != "params"}
+            torch_group = {k: v for k, v in g.items() if k not in ("params", "main_grad")}
             torch_group["params"] = mains
             torch_groups.append(torch_group)
         self.buckets = self._make_buckets(bucket_numel)

@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, TextIO
+from megatron_ext.errors import InputError
 
 
-class LoggingSetupError(ValueError):
+class LoggingSetupError(InputError):
     """A logging destination that cannot be used (the message names the flag)."""
 
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping
+from megatron_ext.errors import MegatronExtError
 
 DECAY_STYLES = ("constant", "linear", "cosine")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(MegatronExtError, ValueError):
     """A schedule that cannot run, or a checkpoint whose schedule disagrees with the flags."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -66,17 +69,18 @@ class LRSchedule:
         return min_lr + coeff * (max_lr - min_lr)
 
 
-def schedule_from_args(args) -> LRSchedule:
-    """Megatron-LM's iteration-based schedule: lengths in samples of ``--global-batch-size``."""
-    gbs = args.global_batch_size
-    decay_iters = args.lr_decay_iters or args.train_iters
+def lr_schedule(optim) -> LRSchedule:
+    """Megatron-LM's iteration-based schedule for an ``OptimConfig``: lengths in samples of
+    the global batch."""
+    gbs = optim.global_batch_size
+    decay_iters = optim.lr_decay_iters or optim.train_iters
     decay_steps = decay_iters * gbs
-    if args.lr_warmup_fraction is not None:
-        warmup_steps = args.lr_warmup_fraction * decay_steps
+    if optim.lr_warmup_fraction is not None:
+        warmup_steps = optim.lr_warmup_fraction * decay_steps
     else:
-        warmup_steps = args.lr_warmup_iters * gbs
-    return LRSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup_steps, decay_steps=decay_steps,
-                      decay_style=args.lr_decay_style, init_lr=args.lr_warmup_init)
+        warmup_steps = optim.lr_warmup_iters * gbs
+    return LRSchedule(max_lr=optim.lr, min_lr=optim.min_lr, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                      decay_style=optim.lr_decay_style, init_lr=optim.lr_warmup_init)
 
 
 class ParamScheduler:

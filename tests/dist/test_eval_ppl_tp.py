@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_ext.models import checkpoint as ckpt
+from megatron_ext import checkpoint as ckpt
 from megatron_ext.models.config import LlamaConfig
-from megatron_ext.models.hf import hf_tensor_shapes
-from megatron_ext.models.perplexity import evaluate
+from megatron_ext.checkpoint import hf_tensor_shapes
+from megatron_ext.evaluation import evaluate
 
 SEQ = 64
 

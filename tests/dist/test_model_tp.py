@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megatron_ext import platform
 from megatron_ext.models import ConfigError, build_model, get_config
 from megatron_ext.models.build import forward_logits, lm_loss
-from megatron_ext.models.checkpoint import split_tp
+from megatron_ext.checkpoint import split_tp
 
 CASES = {
     # tiny: 4 heads / 2 query groups, vocab 1000 padded to 1024 for TP 1 and 2

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_ext.data.tokenizers import build_tokenizer
 from megatron_ext.models import build_model, get_config
-from megatron_ext.models.checkpoint import load_checkpoint, model_state_dict, save_checkpoint, split_tp
+from megatron_ext.checkpoint import load_checkpoint, model_state_dict, save_checkpoint, split_tp
 from megatron_ext.sparsity.nm import check_nm
 from megatron_ext.sparsity.oneshot import PruneOptions, calibration_windows, prune_checkpoint, prune_model
 

@@ -15,9 +15,9 @@ from megatron.core import parallel_state
 
 from megatron_ext.models import ConfigError, get_config
 from megatron_ext.models.build import forward_logits, lm_loss
-from megatron_ext.models.checkpoint import model_state_dict, save_checkpoint, split_tp
-from megatron_ext.sparsity import (MaskMetrics, apply_prior, build_sparse_model, load_prior_masks, masked_linears,
-                                   model_hard_masks)
+from megatron_ext.checkpoint import model_state_dict, save_checkpoint, split_tp
+from megatron_ext.sparsity import (MaskMetrics, apply_prior, build_sparse_model, finish_mask_backward,
+                                   load_prior_masks, masked_linears, model_hard_masks)
 from megatron_ext.sparsity.nm import topn_mask
 
 SEED = 2024
@@ -46,6 +46,7 @@ def _run(model, tokens, labels, rows, dp_group, dp_size):
     with torch.no_grad():
         logits = forward_logits(model, tokens[:2])
     lm_loss(model, tokens[rows], labels[rows]).backward()
+    finish_mask_backward(model)
     grads = _logit_grads(model)
     if dp_group is not None:
         for g in grads.values():

@@ -35,7 +35,7 @@ CASES = {
 }
 REFERENCE = """
 import json, sys
-from megatron_ext.training import pretrain
+from megatron_ext.train import pretrain
 out = {}
 for case, argv in json.loads(sys.argv[1]).items():
     out[case] = pretrain(argv).history
@@ -121,7 +121,7 @@ def test_parallel_runs_follow_the_single_process_run(shared, tp, case):
         pytest.skip(f"needs a data-parallel size dividing the global batch of 6 at TP={tp}")
     torch.set_num_threads(1)
     root, data, reference = shared
-    from megatron_ext.training import pretrain
+    from megatron_ext.train import pretrain
 
     out = root / f"{case}-tp{tp}"
     result = pretrain(_argv(data, out, CASES[case], mbs=1, tensor_model_parallel_size=tp))
@@ -139,8 +139,8 @@ def test_checkpoint_of_six_ranks_is_read_at_another_tp(shared):
         pytest.skip("needs an even world size")
     torch.set_num_threads(1)
     root, data, _ = shared
-    from megatron_ext.models.checkpoint import load_checkpoint, merge_tp
-    from megatron_ext.training import Run, parse_args, pretrain
+    from megatron_ext.checkpoint import load_checkpoint, merge_tp
+    from megatron_ext.train import Run, parse_args, pretrain
 
     save = root / "ckpt-tp2"
     extra = CASES["mask-only"] + ["--save", str(save), "--exit-interval", "2"]

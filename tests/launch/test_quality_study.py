@@ -110,7 +110,7 @@ def smollm2_ckpt(tmp_path_factory, smollm2_gguf_path) -> Path:
 def _trainer_args(res):
     import shlex
 
-    from megatron_ext.training.arguments import parse_args
+    from megatron_ext.train import parse_args
 
     assert res.returncode == 0, res.stdout + res.stderr
     words = [shlex.split(w)[0] if w else "" for w in res.stdout.split("torchrun:\n", 1)[1].splitlines()]

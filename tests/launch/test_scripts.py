@@ -329,7 +329,7 @@ def test_c4_script_launches_the_maskllm_recipe(tmp_path, plays_prefix, sample_to
     """With every input present, the one torchrun line carries the MaskLLM LLaMA-2 7B recipe,
     and the trainer's own parser accepts it; 0 starts from the dense checkpoint with
     --finetune, 1 resumes the run's checkpoint."""
-    from megatron_ext.training.arguments import parse_args
+    from megatron_ext.train import parse_args
 
     home = _real_inputs(tmp_path, plays_prefix, [f"c4_{i:05d}_text_document" for i in range(20)])
     run_dir = tmp_path / "run"
@@ -363,7 +363,7 @@ def test_c4_script_launches_the_maskllm_recipe(tmp_path, plays_prefix, sample_to
 @pytest.mark.parametrize("resume", [0, 1])
 def test_incremental_script_launches_from_the_c4_masks(tmp_path, plays_prefix, sample_tokenizer, mask_checkpoint,
                                                        resume):
-    from megatron_ext.training.arguments import parse_args
+    from megatron_ext.train import parse_args
 
     home = _real_inputs(tmp_path, plays_prefix, ["wiki_train_llama2_text_document"])
     run_dir = tmp_path / "run"
@@ -398,7 +398,7 @@ def test_a_fresh_start_refuses_to_overwrite_a_run(tmp_path, plays_prefix, sample
 
 
 def test_smollm2_script_launches_mask_learning_from_its_checkpoint(tmp_path, plays_prefix, mask_checkpoint):
-    from megatron_ext.training.arguments import parse_args
+    from megatron_ext.train import parse_args
 
     home = _real_inputs(tmp_path, plays_prefix, ["docs_text_document"])
     env = clean_env(DRY_RUN=1, DATA_PATH=f"0.7 {home}/docs_text_document 0.3 {home}/docs_text_document",

@@ -11,10 +11,10 @@ import pytest
 import torch
 import transformers
 
-from megatron_ext.models import checkpoint as ckpt
-from megatron_ext.models.checkpoint import CheckpointError
+from megatron_ext import checkpoint as ckpt
+from megatron_ext.checkpoint import CheckpointError
 from megatron_ext.models.config import LlamaConfig
-from megatron_ext.models.hf import from_hf_config, read_hf_checkpoint, save_hf_checkpoint, to_hf_config
+from megatron_ext.checkpoint import from_hf_config, read_hf_checkpoint, save_hf_checkpoint, to_hf_config
 
 # vocab 1100: Megatron pads to 1152 at TP=1 and 1536 at TP=4, so resharding re-pads.
 # 8 heads / 4 groups / ffn 128: TP 1, 2 and 4 divide everything.

@@ -13,10 +13,10 @@ import torch
 import transformers
 
 from megatron_ext.models import build_model, get_config
-from megatron_ext.models import checkpoint as ckpt
+from megatron_ext import checkpoint as ckpt
 from megatron_ext.models.build import forward_logits
 from megatron_ext.models.gguf_import import GGUFImportError, import_gguf, read_gguf, unpermute_rotary
-from megatron_ext.models.hf import read_hf_checkpoint
+from megatron_ext.checkpoint import read_hf_checkpoint
 
 PROMPT = "The capital of Italy is"
 

@@ -139,7 +139,7 @@ def _tiny_hf(cfg):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_logits_match_transformers_llama(tp1, tied):
-    checkpoint = pytest.importorskip("megatron_ext.models.checkpoint")
+    checkpoint = pytest.importorskip("megatron_ext.checkpoint")
     cfg = get_config("tiny", tie_word_embeddings=tied, rotary_base=50000.0, norm_epsilon=1e-6)
     hf = _tiny_hf(cfg)
     (sd,) = checkpoint.hf_to_mcore(hf.state_dict(), cfg, 1)

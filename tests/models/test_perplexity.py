@@ -15,10 +15,10 @@ import torch
 import transformers
 
 from megatron_ext import platform
-from megatron_ext.models import checkpoint as ckpt
+from megatron_ext import checkpoint as ckpt
 from megatron_ext.models.gguf_import import import_gguf
-from megatron_ext.models.hf import from_hf_config
-from megatron_ext.models.perplexity import PerplexityError, evaluate
+from megatron_ext.checkpoint import from_hf_config
+from megatron_ext.evaluation import PerplexityError, evaluate
 
 LAST_LINE = re.compile(r"^PPL (\d+\.\d+) tokens (\d+)$")
 

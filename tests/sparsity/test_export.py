@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from megatron_ext import platform
 from megatron_ext.models import get_config
-from megatron_ext.models.checkpoint import (load_checkpoint, mcore_to_hf, merge_tp, model_state_dict,
+from megatron_ext.checkpoint import (load_checkpoint, mcore_to_hf, merge_tp, model_state_dict,
                                             save_checkpoint, split_tp)
-from megatron_ext.models.hf import load_hf_state_dict
+from megatron_ext.checkpoint import load_hf_state_dict
 from megatron_ext.sparsity import build_sparse_model, extract_hard_masks
 from megatron_ext.sparsity.export import (ExportError, check_sparsity, decode_mask, encode_mask, export_sparse,
                                           load_packed_masks, save_packed_masks)

@@ -16,8 +16,8 @@ from megatron_ext import platform
 from megatron_ext.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_ext.data.tokenizers import build_tokenizer
 from megatron_ext.models import build_model, get_config
-from megatron_ext.models.checkpoint import load_checkpoint, mcore_to_hf, model_state_dict, save_checkpoint
-from megatron_ext.models.hf import save_hf_checkpoint
+from megatron_ext.checkpoint import load_checkpoint, mcore_to_hf, model_state_dict, save_checkpoint
+from megatron_ext.checkpoint import save_hf_checkpoint
 from megatron_ext.sparsity import extract_hard_masks
 from megatron_ext.sparsity.nm import check_nm, group_view
 from megatron_ext.sparsity.oneshot import (

@@ -6,8 +6,9 @@ import pytest
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_ext.training.arguments import parse_args, validate_parallel
-from megatron_ext.training.schedules import LRSchedule, ParamScheduler, ScheduleError, schedule_from_args
+from megatron_ext.train import parse_args
+from megatron_ext.training.config import RunConfig
+from megatron_ext.training.schedules import LRSchedule, ParamScheduler, ScheduleError, lr_schedule
 
 MAX, MIN, GBS = 3e-4, 3e-5, 8
 WARMUP_ITERS, TRAIN_ITERS = 10, 110
@@ -91,9 +92,7 @@ def test_invalid_schedules_are_rejected():
 
 def test_schedule_lengths_come_from_iterations_times_global_batch(make_argv):
     args = parse_args(make_argv(train_iters=50, lr_warmup_iters=5, global_batch_size=8, lr_decay_iters=40))
-    validate_parallel(args, world_size=1)
-    s = schedule_from_args(args)
+    s = lr_schedule(RunConfig.from_args(args, world_size=1).optim)
     assert (s.warmup_steps, s.decay_steps, s.decay_style) == (40, 320, "cosine")
     args = parse_args(make_argv(train_iters=50, lr_warmup_iters=0, lr_warmup_fraction=0.1))
-    validate_parallel(args, world_size=1)
-    assert schedule_from_args(args).warmup_steps == pytest.approx(0.1 * 50 * 4)
+    assert lr_schedule(RunConfig.from_args(args, world_size=1).optim).warmup_steps == pytest.approx(0.1 * 50 * 4)

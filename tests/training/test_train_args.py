@@ -2,8 +2,12 @@
 at start with a message naming the flag."""
 import pytest
 
-from megatron_ext.training import pretrain
-from megatron_ext.training.arguments import ArgsError, parse_args, validate_parallel
+from megatron_ext.train import pretrain
+from megatron_ext.train import PLUGINS, parse_args
+from megatron_ext.training.arguments import ArgsError
+from megatron_ext.training.config import RunConfig
+from megatron_ext.training.plugins import build_plugins
+from megatron_ext.training.setup import resolve_model_config as _resolve_model_config
 from megatron_ext.training.data import DataError
 
 # A MaskLLM-style mask-only launch (flags as in its llama2-7b script), pointed at our sample.
@@ -32,8 +36,8 @@ def test_maskllm_command_line_parses(shakespeare_prefix, sample_tokenizer, tmp_p
     assert args.mask_only and args.sparse and (args.N, args.M) == (2, 4) and args.hard is False
     assert args.gumbel_temperature_range == (4.0, 0.05) and args.gumbel_scale_range == (100.0, 500.0)
     assert args.tag == "llama-tiny-mask-only" and args.bf16 and args.finetune and args.lr_mult == 10.0
-    validate_parallel(args, world_size=4)
-    assert (args.data_parallel_size, args.num_microbatches) == (4, 1)
+    run = RunConfig.from_args(args, world_size=4)
+    assert (run.parallel.data_parallel_size, run.optim.num_microbatches) == (4, 1)
 
 
 def test_aliases_and_defaults(make_argv):
@@ -44,8 +48,7 @@ def test_aliases_and_defaults(make_argv):
     assert (args.N, args.M) == (2, 4)
     dense = parse_args(make_argv())
     assert not dense.sparse and dense.tag == "run"
-    validate_parallel(dense, world_size=2)
-    assert dense.num_microbatches == 1
+    assert RunConfig.from_args(dense, world_size=2).optim.num_microbatches == 1
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -78,22 +81,27 @@ def test_bad_flags_fail_naming_the_flag(make_argv, flags, message):
 
 def test_global_batch_must_divide_by_micro_batch_times_dp(make_argv):
     args = parse_args(make_argv(global_batch_size=6, micro_batch_size=2))
-    validate_parallel(args, world_size=1)
-    assert args.num_microbatches == 3
+    assert RunConfig.from_args(args, world_size=1).optim.num_microbatches == 3
     args = parse_args(make_argv(global_batch_size=6, micro_batch_size=2))
     with pytest.raises(ArgsError, match=r"--global-batch-size 6 is not divisible by --micro-batch-size 2 x "
                                         r"data-parallel size 2"):
-        validate_parallel(args, world_size=2)
+        RunConfig.from_args(args, world_size=2)
     args = parse_args(make_argv(tensor_model_parallel_size=4))
     with pytest.raises(ArgsError, match="--tensor-model-parallel-size 4 does not divide the number of processes 6"):
-        validate_parallel(args, world_size=6)
+        RunConfig.from_args(args, world_size=6)
+
+
+def resolve_model_config(args, tok, ckpt):
+    """The model configuration the trainer would resolve for these flags."""
+    tp = args.tensor_model_parallel_size
+    return _resolve_model_config(RunConfig.from_args(args, world_size=tp).model, tok, ckpt,
+                                 seq_length=args.seq_length, tp=tp, plugins=build_plugins(PLUGINS, args))
 
 
 def test_tp_must_divide_the_heads(make_argv):
     """tiny has 4 heads and 2 query groups: TP=4 cannot shard it (a world of 4 would be needed
     anyway, so this runs the check that comes first on a world of one: TP 1 ok, the model check)."""
     from megatron_ext.data.tokenizers import build_tokenizer
-    from megatron_ext.training.loop import resolve_model_config
 
     args = parse_args(make_argv(tensor_model_parallel_size=4))
     tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
@@ -114,7 +122,6 @@ def test_tp_must_divide_the_heads(make_argv):
 
 def test_model_from_megatron_flags_needs_the_llama_architecture(make_argv):
     from megatron_ext.data.tokenizers import build_tokenizer
-    from megatron_ext.training.loop import resolve_model_config
 
     flags = dict(model=None, num_layers=2, hidden_size=96, num_attention_heads=4)
     args = parse_args(make_argv(**flags))

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from megatron_ext.models.checkpoint import TRACKER_FILE, CheckpointError, load_checkpoint, read_checkpoint_info
+from megatron_ext.checkpoint import TRACKER_FILE, CheckpointError, load_checkpoint, read_checkpoint_info
 from megatron_ext.sparsity import extract_hard_masks, model_hard_masks
 from megatron_ext.sparsity.nm import check_nm
 from megatron_ext.sparsity.oneshot import PruneOptions, prune_checkpoint
-from megatron_ext.training import Run, parse_args, pretrain
-from megatron_ext.training.checkpointing import list_iterations
+from megatron_ext.train import Run, parse_args, pretrain
+from megatron_ext.checkpoint import list_iterations
 
 
 def test_mask_checkpoints_keep_last_and_are_read_by_the_tools(make_argv, tmp_path):
@@ -106,7 +106,7 @@ def test_finetune_learns_masks_from_a_one_shot_prior_and_continues_incrementally
                      eval_iters=0)
     run = Run(parse_args(argv))
     try:
-        assert run.iteration == 0 and run.sparsity.tau_range == (1.0, 0.1)
+        assert run.iteration == 0 and run.plugin("sparsity").state.tau_range == (1.0, 0.1)
         sd = run.model.state_dict()
         assert all(torch.equal(sd[k].cpu(), v) for k, v in logits.items())
         assert run.optimizer.adam.state == {}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ext.models.checkpoint import TRACKER_FILE
-from megatron_ext.training import pretrain
+from megatron_ext.checkpoint import TRACKER_FILE
+from megatron_ext.train import pretrain
 from megatron_ext.training.reporting import LoggingSetupError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,6 +9,7 @@ from megatron_ext import platform
 from megatron_ext.data.indexed_dataset import IndexedDataset
 from megatron_ext.models import build_model, get_config
 from megatron_ext.sparsity import build_sparse_model
+from megatron_ext.sparsity.plugin import MaskLLM, MaskLLMConfig
 from megatron_ext.training.optimizer import OptimizerStateError, TrainOptimizer, param_groups
 from megatron_ext.training.schedules import LRSchedule, ParamScheduler
 
@@ -47,15 +48,21 @@ def _loss(model, tokens, labels):
     return model(tokens, pos, None, labels=labels).float().mean()
 
 
+def _groups(model, lr_mult=1.0):
+    """The trainer's groups with the MaskLLM plug-in's claim on the mask logits."""
+    plugin = MaskLLM(MaskLLMConfig(lr_mult=lr_mult))
+    return param_groups(model, plugin.param_groups(model, lr=1e-2, min_lr=1e-3))
+
+
 def _optimizer(model, **kw):
-    groups = param_groups(model, lr=1e-2, min_lr=1e-3, lr_mult=kw.pop("lr_mult", 1.0))
+    groups = _groups(model, kw.pop("lr_mult", 1.0))
     return TrainOptimizer(model, groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, **kw), groups
 
 
 def test_gradients_norm_clip_and_adamw_step_match_torch(tp1, batches):
     model, ref = _twins()
     opt, _ = _optimizer(model)
-    ref_groups = param_groups(ref, lr=1e-2, min_lr=1e-3)
+    ref_groups = _groups(ref)
     ref_adam = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in ref_groups], lr=1e-2,
                                  betas=(0.9, 0.95), eps=1e-8)
     for optimizer in (opt, ref_adam):

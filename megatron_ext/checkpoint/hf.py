@@ -12,65 +12,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from megatron_ext.models.config import LlamaConfig
+from megatron_ext.checkpoint.files import (commit_output_dir, copy_tokenizer, owned, prepare_output_dir)
+from megatron_ext.checkpoint.layout import CheckpointError, parse_dtype
+from megatron_ext.checkpoint.resharding import merge_tp, split_tp
+from megatron_ext.models.config import ConfigError, LlamaConfig
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
-# Files that make up a tokenizer; whichever exist are copied along with a checkpoint.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or converted; the message names the file or tensor."""
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``'fp32' | 'bf16' | 'fp16'`` (or a torch dtype, or None) -> torch dtype."""
-    if name is None or isinstance(name, torch.dtype):
-        if name is not None and name not in _DTYPE_NAMES:
-            raise CheckpointError(f"unsupported dtype {name}; use one of {', '.join(DTYPES)}")
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise CheckpointError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch dtype -> ``'fp32' | 'bf16' | 'fp16'``."""
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise CheckpointError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}") from None
-
-
-def owned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when it is contiguous and is its whole storage, else a compact copy.
-
-    Conversion results may be views of their inputs (cheap in memory); before saving,
-    views must be compacted: torch.save of a view writes its whole base storage, and
-    safetensors refuses tensors that share memory.
-    """
-    t = t.detach()
-    if t.is_contiguous() and t.storage_offset() == 0 and \
-            t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------- config
@@ -276,11 +234,6 @@ def read_hf_checkpoint(hf_dir: str | os.PathLike) -> tuple[LlamaConfig, dict[str
     return read_hf_config(hf_dir), load_hf_state_dict(hf_dir)
 
 
-def tokenizer_files(src_dir: str | os.PathLike) -> list[Path]:
-    """The tokenizer files present in ``src_dir`` (possibly none)."""
-    d = Path(src_dir)
-    return [d / f for f in TOKENIZER_FILES if (d / f).is_file()]
-
 
 def special_token_ids(tokenizer_dir: str | os.PathLike) -> tuple[int | None, int | None]:
     """(bos, eos) ids from a tokenizer directory, when they can be found cheaply."""
@@ -310,75 +263,94 @@ def special_token_ids(tokenizer_dir: str | os.PathLike) -> tuple[int | None, int
     return bos, eos
 
 
-# --------------------------------------------------------------------------- writing
+
+# --------------------------------------------------------------------------- HF <-> mcore
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _check_hf(hf_sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> None:
+    expected = hf_tensor_shapes(cfg)
+    for key, shape in expected.items():
+        if key not in hf_sd:
+            raise CheckpointError(f"Hugging Face state dict: missing tensor {key!r} for config {cfg.name!r}")
+        found = tuple(hf_sd[key].shape)
+        if found != shape:
+            raise CheckpointError(f"Hugging Face state dict: tensor {key!r} has shape {found}, expected {shape} "
+                                  f"for config {cfg.name!r}")
+    for key in hf_sd:
+        if key in expected or key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            if not torch.equal(hf_sd[key], hf_sd["model.embed_tokens.weight"]):
+                raise CheckpointError("Hugging Face state dict: lm_head.weight differs from model.embed_tokens.weight "
+                                      "but the config ties them (tie_word_embeddings=True)")
+            continue
+        raise CheckpointError(f"Hugging Face state dict: unexpected tensor {key!r} (not part of a LLaMA model)")
+
+
+def hf_to_mcore(hf_state_dict: Mapping[str, torch.Tensor], cfg: LlamaConfig, tp: int) -> list[dict[str, torch.Tensor]]:
+    """Hugging Face ``LlamaForCausalLM`` state dict -> ``tp`` megatron-core rank state dicts.
+
+    Q/K/V are packed in megatron's grouped layout (per query group: its query heads,
+    then its key head, then its value head). HF's q/k rows are already in the
+    rotate-half order megatron's non-interleaved rotary uses, so no permutation.
+    """
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        cfg.validate_tp(tp)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    _check_hf(hf_state_dict, cfg)
+    d, ng = cfg.head_dim, cfg.num_query_groups
+    per_group = cfg.num_attention_heads // ng
+    h = cfg.hidden_size
+    full: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": hf_state_dict["model.embed_tokens.weight"]}
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q = hf_state_dict[src + "self_attn.q_proj.weight"].reshape(ng, per_group * d, h)
+        k = hf_state_dict[src + "self_attn.k_proj.weight"].reshape(ng, d, h)
+        v = hf_state_dict[src + "self_attn.v_proj.weight"].reshape(ng, d, h)
+        full[dst + "input_layernorm.weight"] = hf_state_dict[src + "input_layernorm.weight"]
+        full[dst + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, h)
+        full[dst + "self_attention.linear_proj.weight"] = hf_state_dict[src + "self_attn.o_proj.weight"]
+        full[dst + "pre_mlp_layernorm.weight"] = hf_state_dict[src + "post_attention_layernorm.weight"]
+        full[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf_state_dict[src + "mlp.gate_proj.weight"], hf_state_dict[src + "mlp.up_proj.weight"]], dim=0)
+        full[dst + "mlp.linear_fc2.weight"] = hf_state_dict[src + "mlp.down_proj.weight"]
+    full["decoder.final_layernorm.weight"] = hf_state_dict["model.norm.weight"]
+    if not cfg.tie_word_embeddings:
+        full["output_layer.weight"] = hf_state_dict["lm_head.weight"]
+    return split_tp(full, cfg, tp)
 
 
-def prepare_output_dir(out_dir: Path, overwrite: bool) -> Path:
-    """Check ``out_dir`` may be (re)written; return a fresh temporary sibling to fill."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir}: directory exists and is not empty (pass overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir.parent, os.W_OK):
-        raise CheckpointError(f"{out_dir.parent}: directory is not writable")
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+def mcore_to_hf(rank_state_dicts: Sequence[Mapping[str, torch.Tensor]], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """megatron-core rank state dicts (any TP) -> Hugging Face state dict (vocab padding trimmed).
 
+    Tensors may be views of the inputs; ``save_hf_checkpoint`` compacts them.
+    """
+    full = merge_tp(rank_state_dicts, cfg)
+    d, ng = cfg.head_dim, cfg.num_query_groups
+    per_group = cfg.num_attention_heads // ng
+    h, v = cfg.hidden_size, cfg.vocab_size
+    hf: dict[str, torch.Tensor] = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"][:v]}
+    for i in range(cfg.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = full[src + "self_attention.linear_qkv.weight"].reshape(ng, (per_group + 2) * d, h)
+        q, k, vv = qkv.split([per_group * d, d, d], dim=1)
+        gate, up = full[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        hf[dst + "input_layernorm.weight"] = full[src + "input_layernorm.weight"]
+        hf[dst + "self_attn.q_proj.weight"] = q.reshape(-1, h)
+        hf[dst + "self_attn.k_proj.weight"] = k.reshape(-1, h)
+        hf[dst + "self_attn.v_proj.weight"] = vv.reshape(-1, h)
+        hf[dst + "self_attn.o_proj.weight"] = full[src + "self_attention.linear_proj.weight"]
+        hf[dst + "post_attention_layernorm.weight"] = full[src + "pre_mlp_layernorm.weight"]
+        hf[dst + "mlp.gate_proj.weight"] = gate
+        hf[dst + "mlp.up_proj.weight"] = up
+        hf[dst + "mlp.down_proj.weight"] = full[src + "mlp.linear_fc2.weight"]
+    hf["model.norm.weight"] = full["decoder.final_layernorm.weight"]
+    if not cfg.tie_word_embeddings:
+        hf["lm_head.weight"] = full["output_layer.weight"][:v]
+    return hf
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish_permissions(tmp: Path) -> None:
-    """Give a finished temporary tree the permissions of ordinary new files (mkdtemp uses 0700)."""
-    mask = _umask()
-    for root, dirs, files in os.walk(tmp):
-        os.chmod(root, 0o777 & ~mask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~mask)
-
-
-def commit_output_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename the filled temporary directory into place (replacing an old one)."""
-    publish_permissions(tmp)
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / "d")
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def copy_tokenizer(src_dir: str | os.PathLike | None, dst_dir: Path) -> list[str]:
-    """Copy the tokenizer files of ``src_dir`` into ``dst_dir``; return their names."""
-    if src_dir is None:
-        return []
-    names = []
-    for f in tokenizer_files(src_dir):
-        shutil.copyfile(f, dst_dir / f.name)
-        names.append(f.name)
-    return names
-
+# --------------------------------------------------------------------------- writing
 
 def _shard_plan(state_dict: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]

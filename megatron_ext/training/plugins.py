@@ -1,0 +1,111 @@
+"""How a method attaches to the generic trainer: the ``TrainerPlugin`` interface.
+
+The trainer knows no sparsity, quantization or adapter method. The entry point
+hands it plug-in *classes*; each may add its own flags, and ``from_args`` returns an
+instance (with its frozen settings) when its flags ask for it, or None. The loop
+then calls the hooks below at fixed points; every hook has a no-op default, so a
+plug-in overrides only what it needs. Order within a step::
+
+    begin_step -> [forward/backward per micro-batch] -> extra_loss (backward) -> after_backward
+    -> gradient reduction, clipping, optimizer step -> step_record
+
+In the spirit of torchtitan's model converters: ``build_model`` replaces how the model
+is built (megatron-core layer-spec overrides), ``param_groups`` claims parameters
+for the optimizer with their own learning-rate multipliers, and ``checkpoint_info``
+/ ``load_checkpoint_info`` carry its state through checkpoints. The MaskLLM plug-in
+(``megatron_ext.sparsity.plugin``) is the worked example.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_ext.models.config import LlamaConfig
+
+# (console label, value, format, metric name or None): one field of the iteration line
+LogField = Tuple[str, Any, str, Optional[str]]
+
+
+class TrainerPlugin:
+    """Base class: every hook is a no-op. Subclass it and override what the method needs."""
+
+    name = "plugin"          # its section in checkpoint.json and in RunConfig.plugins
+
+    # ------------------------------------------------------------------ flags and settings
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the plug-in's flag group."""
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        """Check the plug-in's flags (raise ``ArgsError`` naming the flag) and fill their defaults."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Optional["TrainerPlugin"]:
+        """An instance when the flags turn the method on, else None."""
+        return None
+
+    @property
+    def config(self) -> Any:
+        """The plug-in's frozen settings (``RunConfig.plugins[name]``)."""
+        return None
+
+    def describe(self) -> str:
+        """A few words for the start-up line (``"2:4 learnable sparsity (mask only)"``)."""
+        return self.name
+
+    # ------------------------------------------------------------------ the model
+    def check_model(self, cfg: LlamaConfig, tp: int) -> None:
+        """Refuse a model / TP this method cannot handle (raise ``ArgsError``)."""
+
+    def build_model(self, cfg: LlamaConfig, params_dtype: torch.dtype, init_method_std: float
+                    ) -> Optional[torch.nn.Module]:
+        """Build the model differently (layer-spec overrides); None keeps the default."""
+        return None
+
+    def after_load(self, model: torch.nn.Module, iteration: int, log) -> None:
+        """After the checkpoint's weights are in (``iteration`` 0: a fresh run)."""
+
+    def param_groups(self, model: torch.nn.Module, lr: float, min_lr: float) -> List[Dict[str, Any]]:
+        """Optimizer groups for parameters this plug-in owns (``params``, ``name``, ``max_lr``,
+        ``min_lr``, ``wd_mult``); the rest get the trainer's default groups."""
+        return []
+
+    # ------------------------------------------------------------------ one step
+    def begin_step(self, model: torch.nn.Module, iteration: int, train_iters: int) -> None:
+        """Before the step's first forward (``iteration``: steps completed so far)."""
+
+    def extra_loss(self, model: torch.nn.Module, iteration: int, train_iters: int) -> Optional[torch.Tensor]:
+        """A term added to the step's loss after the micro-batches (its backward runs once)."""
+        return None
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """After the step's last backward, before gradient reduction and clipping."""
+
+    def step_record(self) -> Dict[str, Any]:
+        """Values to keep in the step's history record."""
+        return {}
+
+    def log_fields(self, model: torch.nn.Module) -> Sequence[LogField]:
+        """Fields of the iteration line (and metrics) at each ``--log-interval``."""
+        return ()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_info(self, iteration: int) -> Dict[str, Any]:
+        """The plug-in's section of ``checkpoint.json`` (empty: none)."""
+        return {}
+
+    def load_checkpoint_info(self, info: Mapping[str, Any]) -> None:
+        """What a resumed run reads back from its section."""
+
+
+def build_plugins(classes: Sequence[type], args: argparse.Namespace) -> List[TrainerPlugin]:
+    """The active plug-ins for the parsed flags."""
+    plugins = []
+    for cls in classes:
+        plugin = cls.from_args(args)
+        if plugin is not None:
+            plugins.append(plugin)
+    return plugins
