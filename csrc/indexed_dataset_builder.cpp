@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <pybind11/numpy.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +15,8 @@
 #include <system_error>
 #include <type_traits>
 #include <utility>
+
+#include "crc32.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the .bin/.idx format is little-endian; this builder writes host byte order"
@@ -193,7 +196,9 @@ File::File(File&& other) noexcept
     : fd_(std::exchange(other.fd_, -1)),
       path_(std::move(other.path_)),
       buffer_(std::move(other.buffer_)),
-      used_(std::exchange(other.used_, 0)) {}
+      used_(std::exchange(other.used_, 0)),
+      checksum_(std::exchange(other.checksum_, false)),
+      crc_(std::exchange(other.crc_, 0)) {}
 
 File& File::operator=(File&& other) noexcept {
   if (this != &other) {
@@ -202,6 +207,8 @@ File& File::operator=(File&& other) noexcept {
     path_ = std::move(other.path_);
     buffer_ = std::move(other.buffer_);
     used_ = std::exchange(other.used_, 0);
+    checksum_ = std::exchange(other.checksum_, false);
+    crc_ = std::exchange(other.crc_, 0);
   }
   return *this;
 }
@@ -220,11 +227,21 @@ File File::create_temporary(const std::string& stem, std::size_t buffer_bytes, s
   for (int attempt = 0; attempt < 64; ++attempt) {
     std::string name = stem + ".tmp-" + random_suffix();
     int fd = ::open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd >= 0) {
+    if (fd < 0) {
+      if (errno != EEXIST) throw_io(errno, "creating a temporary file next to it", stem);
+      continue;
+    }
+    // A cleaner of stale temporaries may have locked (and then unlinked) the new file
+    // before we locked it: then it is not ours any more, and we try another name.
+    // (A file system without flock leaves the file unlocked: it still works, and a cleaner
+    // cannot lock it either.)
+    struct stat st;
+    const bool taken = ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+    if (!taken && ::fstat(fd, &st) == 0 && st.st_nlink > 0) {
       *created = name;
       return File(fd, name, buffer_bytes);
     }
-    if (errno != EEXIST) throw_io(errno, "creating a temporary file next to it", stem);
+    ::close(fd);
   }
   throw_io(EEXIST, "creating a temporary file next to it", stem);
 }
@@ -235,7 +252,14 @@ File File::open_read(const std::string& path) {
   return File(fd, path, 0);
 }
 
+int File::duplicate_descriptor() const {
+  int fd = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) throw_io(errno, "duplicating the descriptor", path_);
+  return fd;
+}
+
 void File::write_all(const char* data, std::size_t size) {
+  if (checksum_) crc_ = crc32_update(crc_, data, size);
   while (size > 0) {
     ssize_t n = ::write(fd_, data, std::min<std::size_t>(size, std::size_t(1) << 30));
     if (n < 0) {
@@ -346,6 +370,7 @@ IndexedDatasetBuilder::IndexedDatasetBuilder(const std::string& bin_path, int dt
   visit_code_type(dtype_code, [](auto) {});  // rejects float and unknown codes
   try {
     bin_ = File::create_temporary(bin_path_, kDataBuffer, &bin_tmp_path_);
+    bin_.enable_checksum();
     std::string side;
     lengths_ = File::create_temporary(bin_path_ + ".lengths", kSideBuffer, &side);
     if (::unlink(side.c_str()) != 0) throw_io(errno, "unlinking a side file", side);
@@ -404,13 +429,28 @@ void IndexedDatasetBuilder::append_document_index(std::uint64_t index) {
 // Validates every token against the builder's dtype, then converts and appends them. Nothing
 // is written when a token does not fit. Tokens are converted straight into the write buffer;
 // a call that fits in it is checked in the same pass and committed only when valid.
+void IndexedDatasetBuilder::note_token_range(std::int64_t lo, std::int64_t hi) {
+  if (bin_bytes_ == 0) {
+    min_token_ = lo;
+    max_token_ = hi;
+  } else {
+    min_token_ = std::min(min_token_, lo);
+    max_token_ = std::max(max_token_, hi);
+  }
+}
+
 void IndexedDatasetBuilder::write_tokens(const IntSpan& tokens) {
   if (tokens.count == 0) return;
+  std::int64_t lo = 0, hi = 0;
   visit_code_type(dtype_code_, [&](auto dst_tag) {
     using Dst = decltype(dst_tag);
     visit_int_type(tokens.kind, tokens.itemsize, [&](auto src_tag) {
       using Src = decltype(src_tag);
       const Src* in = static_cast<const Src*>(tokens.data);
+      const auto [mn, mx] = std::minmax_element(in, in + tokens.count);
+      // Values outside Dst are refused below, before anything is recorded.
+      lo = static_cast<std::int64_t>(*mn);
+      hi = fits<Dst>(*mx) ? static_cast<std::int64_t>(*mx) : 0;
       const std::size_t bytes = tokens.count * sizeof(Dst);
       if constexpr (std::is_same_v<Src, Dst>) {
         bin_.write(in, bytes);
@@ -430,6 +470,7 @@ void IndexedDatasetBuilder::write_tokens(const IntSpan& tokens) {
       }
     });
   });
+  note_token_range(lo, hi);
   bin_bytes_ += tokens.count * itemsize_;
 }
 
@@ -627,8 +668,16 @@ void IndexedDatasetBuilder::add_index(const std::string& prefix) {
       const std::size_t m = static_cast<std::size_t>(std::min<std::uint64_t>(block.size(), bin_size - at));
       bin.pread_exact(block.data(), m, at);
       bin_.write(block.data(), m);
+      visit_code_type(dtype_code_, [&](auto tag) {
+        using T = decltype(tag);
+        std::vector<T> items(m / sizeof(T));  // aligned copy for the scan
+        std::memcpy(items.data(), block.data(), items.size() * sizeof(T));
+        if (items.empty()) return;
+        const auto [mn, mx] = std::minmax_element(items.begin(), items.end());
+        note_token_range(static_cast<std::int64_t>(*mn), static_cast<std::int64_t>(*mx));
+      });
+      bin_bytes_ += m;
     }
-    bin_bytes_ += bin_size;
   } catch (...) {
     state_ = State::kBroken;
     throw;
@@ -645,8 +694,20 @@ void IndexedDatasetBuilder::finalize(const std::string& idx_path) {
   }
   // A bad idx path fails here, before anything changes.
   File idx = File::create_temporary(idx_path, kSideBuffer, &idx_tmp_path_);
+  idx.enable_checksum();
+  // Duplicates keep the temporaries locked from their close to their rename.
+  struct Held {
+    int fd = -1;
+    ~Held() {
+      if (fd >= 0) ::close(fd);
+    }
+  } bin_lock, idx_lock;
   try {
     if (durable_) bin_.sync();
+    bin_lock.fd = bin_.duplicate_descriptor();
+    idx_lock.fd = idx.duplicate_descriptor();
+    bin_.flush();
+    bin_crc_ = bin_.crc();
     bin_.close();
     lengths_.flush();
     documents_.flush();
@@ -687,6 +748,8 @@ void IndexedDatasetBuilder::finalize(const std::string& idx_path) {
       idx.write(words.data(), m * 8);
     }
     if (durable_) idx.sync();
+    idx.flush();
+    idx_crc_ = idx.crc();
     idx.close();
 
     if (::rename(bin_tmp_path_.c_str(), bin_path_.c_str()) != 0) throw_io(errno, "renaming the finished data file into place", bin_path_);
@@ -983,7 +1046,21 @@ void register_indexed_dataset_builder(py::module_& m) {
       .def_property_readonly("sequence_count", [](const PyBuilder& b) { return b.core.sequence_count(); })
       .def_property_readonly("document_count", [](const PyBuilder& b) { return b.core.document_count(); })
       .def_property_readonly("token_count", [](const PyBuilder& b) { return b.core.token_count(); })
-      .def_property_readonly("finalized", [](const PyBuilder& b) { return b.core.finalized(); });
+      .def_property_readonly("finalized", [](const PyBuilder& b) { return b.core.finalized(); })
+      .def_property_readonly(
+          "token_range",
+          [](const PyBuilder& b) -> py::object {
+            if (b.core.token_count() == 0) return py::none();
+            return py::make_tuple(b.core.min_token_id(), b.core.max_token_id());
+          },
+          "(smallest, largest) token id written, or None when there are no tokens.")
+      .def_property_readonly(
+          "checksums",
+          [](const PyBuilder& b) -> py::object {
+            if (!b.core.finalized()) return py::none();
+            return py::make_tuple(b.core.bin_crc32(), b.core.idx_crc32());
+          },
+          "(CRC-32 of the .bin, CRC-32 of the .idx) as zlib.crc32 computes them; None before finalize.");
 }
 
 }  // namespace megatron_ext

@@ -11,6 +11,12 @@
 // is a few fixed buffers whatever the corpus size. The .bin and the .idx are written
 // under temporary names and renamed into place only by finalize (.idx last); a builder
 // destroyed without finalize removes its temporaries.
+//
+// Each temporary ("<name>.tmp-<random>") is held under an exclusive flock(2) from its
+// creation to its rename, so a later run can tell a stale one (left by a killed process:
+// the lock died with it) from a live one and remove only the former. While it writes, the
+// builder records the smallest and largest token id and the CRC-32 of both files, which
+// the Python layer keeps in a manifest beside the dataset.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -47,7 +53,8 @@ class File {
  public:
   // Creates a new file that must not exist yet (O_EXCL), mode 0666 minus the umask.
   static File create_new(const std::string& path, std::size_t buffer_bytes);
-  // Creates "<stem>.tmp-<random>" next to stem and returns it; *created gets the name.
+  // Creates "<stem>.tmp-<random>" next to stem, locked (flock, exclusive) for as long as
+  // the descriptor (or a duplicate of it) is open; *created gets the name.
   static File create_temporary(const std::string& stem, std::size_t buffer_bytes, std::string* created);
   static File open_read(const std::string& path);
 
@@ -71,6 +78,11 @@ class File {
   char* reserve(std::size_t size);
   void commit(std::size_t size) { used_ += size; }
   void flush();
+  // Keeps a CRC-32 of every byte written from now on (see crc()).
+  void enable_checksum() { checksum_ = true; }
+  std::uint32_t crc() const { return crc_; }
+  // A duplicate of the descriptor (the caller closes it): it keeps the file's lock after close().
+  int duplicate_descriptor() const;
   // Reads exactly `size` bytes at `offset` (no buffering); throws FormatError when the
   // file ends first.
   void pread_exact(void* data, std::size_t size, std::uint64_t offset) const;
@@ -87,6 +99,8 @@ class File {
   std::string path_;
   std::vector<char> buffer_;
   std::size_t used_ = 0;
+  bool checksum_ = false;
+  std::uint32_t crc_ = 0;
 };
 
 // Megatron's dtype codes (megatron.core.datasets.indexed_dataset.DType).
@@ -147,6 +161,12 @@ class IndexedDatasetBuilder {
   std::uint64_t document_count() const { return document_indices_ - 1; }  // documents ended so far
   std::uint64_t token_count() const { return bin_bytes_ / itemsize_; }
   bool finalized() const { return state_ == State::kFinalized; }
+  // Smallest and largest token id written (meaningful when token_count() > 0).
+  std::int64_t min_token_id() const { return min_token_; }
+  std::int64_t max_token_id() const { return max_token_; }
+  // CRC-32 (zlib.crc32) of the .bin and of the .idx, once finalized.
+  std::uint32_t bin_crc32() const { return bin_crc_; }
+  std::uint32_t idx_crc32() const { return idx_crc_; }
 
  private:
   void check_open() const;
@@ -154,6 +174,7 @@ class IndexedDatasetBuilder {
   void append_length(std::uint64_t length);
   void append_document_index(std::uint64_t index);
   void remove_temporaries() noexcept;
+  void note_token_range(std::int64_t lo, std::int64_t hi);
 
   std::string bin_path_;
   int dtype_code_;
@@ -170,6 +191,10 @@ class IndexedDatasetBuilder {
   std::uint64_t document_indices_ = 0;  // entries written to documents_
   std::uint64_t last_document_end_ = 0;  // the last entry written to documents_
   std::uint64_t bin_bytes_ = 0;
+  std::int64_t min_token_ = 0;
+  std::int64_t max_token_ = 0;
+  std::uint32_t bin_crc_ = 0;
+  std::uint32_t idx_crc_ = 0;
 };
 
 void register_indexed_dataset_builder(pybind11::module_& m);

@@ -5,14 +5,24 @@
 
 Inputs are taken in sorted order of their prefixes and appended with add_index, as
 Megatron-LM's tools/merge_datasets.py does, so the output is byte-identical to it. All
-inputs must share one dtype. OUT.bin and OUT.idx appear only once the merge is complete.
+inputs must share one dtype and pass the checks of tools/check_dataset.py. OUT.bin and
+OUT.idx appear only once the merge is complete, then OUT.manifest.json (counts, token
+range, checksums). Exit status: 0 done, 1 an input is bad or the merge failed.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from megatron_ext.data.indexed_dataset import IndexedDataset, find_dataset_prefixes, merge_datasets
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+from megatron_ext.data.indexed_dataset import (  # noqa: E402
+    IndexedDataset,
+    IndexedDatasetError,
+    find_dataset_prefixes,
+    merge_datasets,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prefixes = find_dataset_prefixes(args.input)
         if not prefixes:
-            raise ValueError(f"{args.input}: no .bin/.idx pairs to merge")
+            raise IndexedDatasetError(f"{args.input}: no .bin/.idx pairs to merge")
         merge_datasets(prefixes, args.output_prefix, durable=args.durable)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

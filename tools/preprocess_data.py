@@ -13,7 +13,13 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
-from megatron_ext.data.preprocess import BACKENDS, PreprocessConfig, PreprocessError, preprocess  # noqa: E402
+from megatron_ext.data.preprocess import (  # noqa: E402
+    BACKENDS,
+    EmptyInputError,
+    PreprocessConfig,
+    PreprocessError,
+    preprocess,
+)
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES, TokenizerError  # noqa: E402
 
 
@@ -50,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(tokenized per sentence, as Megatron-LM does).")
     group.add_argument("--skip-bad-lines", action="store_true",
                        help="Count and skip malformed lines instead of stopping at the first one.")
+    group.add_argument("--allow-empty", action="store_true",
+                       help="Write an empty dataset when the input has no tokens (refused by default, exit 2).")
 
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES,
@@ -106,11 +114,15 @@ def main(argv=None) -> int:
         skip_bad_lines=args.skip_bad_lines,
         legacy_tokenizer=args.legacy_tokenizer,
         backend=args.worker_backend,
+        allow_empty=args.allow_empty,
     )
     # A terminated run unwinds like an interrupted one, so the temporaries are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         preprocess(config)
+    except EmptyInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (PreprocessError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

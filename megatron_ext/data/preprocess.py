@@ -37,6 +37,10 @@ value that is not a string or list of strings, invalid UTF-8) stops the run, or 
 ``skip_bad_lines`` is counted and skipped. The tokenizer, the inputs and the output
 directory are all checked before any tokenizing; nothing appears at the output paths
 unless the run completes (the builder writes temporaries and renames them at the end).
+An input without a single token is refused, naming it (``allow_empty`` permits it).
+Temporaries a killed run left for the same outputs are removed at start (only those no
+live process holds, see ``indexed_dataset.remove_stale_temporaries``); process workers
+die with the main process.
 
 This module needs neither torch nor megatron-core.
 """
@@ -47,7 +51,6 @@ import gzip
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +64,8 @@ import numpy as np
 
 from megatron_ext.data.indexed_dataset import (
     IndexedDatasetBuilder,
+    WorkDirectory,
+    remove_stale_temporaries,
     data_file_path,
     dtype_for_vocab,
     index_file_path,
@@ -76,6 +81,10 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 
 class PreprocessError(ValueError):
     """Bad input, flags or output location; the message names the file (and line)."""
+
+
+class EmptyInputError(PreprocessError):
+    """The input holds no tokens at all (refused unless ``allow_empty``)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,7 @@ class PreprocessConfig:
     legacy_tokenizer: bool = False
     backend: str = "thread"
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    allow_empty: bool = False
 
 
 @dataclass
@@ -451,8 +461,33 @@ class ChunkEncoder:
 _worker_encoder: Optional[ChunkEncoder] = None
 
 
-def _init_process_worker(encoder: ChunkEncoder) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this worker process when ``parent`` dies (else a killed run leaves it hung)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+                if os.getppid() != parent:  # it died before the request
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_process_worker(encoder: ChunkEncoder, parent: int) -> None:
     global _worker_encoder
+    _exit_with_parent(parent)
     _worker_encoder = encoder
     # One tokenizer thread per worker process (the ``tokenizers`` library would otherwise
     # start a thread per CPU in every worker).
@@ -486,7 +521,7 @@ def _make_executor(config: PreprocessConfig, encoder: ChunkEncoder):
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     executor = ProcessPoolExecutor(max_workers=config.workers, mp_context=context,
-                                   initializer=_init_process_worker, initargs=(encoder,))
+                                   initializer=_init_process_worker, initargs=(encoder, os.getpid()))
     return executor, _encode_in_process
 
 
@@ -502,20 +537,23 @@ def preprocess(config: PreprocessConfig, log: Optional[Callable[[str], None]] = 
     if len(keys) != 1 and any(f.kind == "text" for f in files):
         raise PreprocessError(f"--json-keys {keys}: plain-text inputs (*.txt) hold one document per file, give one key")
     check_output_location(config.output_prefix, keys)
+    # Temporaries left by a killed run of the same outputs (a live run's are locked, kept).
+    for prefix in [config.output_prefix] + [output_prefix_for_key(config.output_prefix, key) for key in keys]:
+        for path in remove_stale_temporaries(prefix):
+            log(f"removed {path}, a temporary left by an interrupted run")
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     encoder = ChunkEncoder(tokenizer, keys, config.append_eod, config.skip_bad_lines, dtype)
 
     round_robin = config.partitions > 1 and not config.keep_sequential_samples
     n_parts = config.partitions if round_robin else 1
-    out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
     part_dir = None
     builders: list = []  # [partition][key]
     result = PreprocessResult()
     executor = None
     try:
         if round_robin:
-            part_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(config.output_prefix)}-partitions-", dir=out_dir)
-            prefixes = [[output_prefix_for_key(os.path.join(part_dir, f"part{p}"), key) for key in keys]
+            part_dir = WorkDirectory(config.output_prefix, "partitions")
+            prefixes = [[output_prefix_for_key(os.path.join(part_dir.path, f"part{p}"), key) for key in keys]
                         for p in range(n_parts)]
         else:
             prefixes = [[output_prefix_for_key(config.output_prefix, key) for key in keys]]
@@ -548,6 +586,13 @@ def preprocess(config: PreprocessConfig, log: Optional[Callable[[str], None]] = 
                 next_log = (result.documents // config.log_interval + 1) * config.log_interval
         executor.shutdown(wait=True)
         executor = None
+        if result.tokens == 0 and not config.allow_empty:
+            names = [f.path for f in files]
+            shown = " ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+            raise EmptyInputError(
+                f"--input {shown}: no tokens in {result.documents} documents "
+                f"({result.blank_lines} blank lines, {result.bad_lines} bad lines skipped); nothing written "
+                f"(--allow-empty writes the empty dataset)")
 
         if round_robin:
             for p, row in enumerate(builders):
@@ -574,7 +619,7 @@ def preprocess(config: PreprocessConfig, log: Optional[Callable[[str], None]] = 
             for builder in row:
                 builder.discard()
         if part_dir is not None:
-            shutil.rmtree(part_dir, ignore_errors=True)
+            part_dir.close()
 
     result.outputs = {key: output_prefix_for_key(config.output_prefix, key) for key in keys}
     result.seconds = time.perf_counter() - start

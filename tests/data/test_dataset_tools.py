@@ -72,7 +72,7 @@ def test_check_prints_stats(tmp_path, documents, capsys):
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99], method="nearest")
     row = (
         f"| {tmp_path / 'good'} | uint16 | {len(documents)} | {lengths.size} | {lengths.sum()} "
-        f"| {p50} | {p90} | {p99} | {lengths.max()} |"
+        f"| {p50} | {p90} | {p99} | {lengths.max()} | n/a |"  # largest id unknown: no manifest, no scan
     )
     assert row in out.splitlines()
     assert out.startswith("| prefix | dtype | documents |")

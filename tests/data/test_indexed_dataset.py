@@ -239,7 +239,7 @@ def test_nothing_final_before_finalize(tmp_path, documents):
     names = os.listdir(out)
     assert len(names) == 1 and names[0].startswith("ds.bin.tmp-")  # side files are unlinked
     builder.finalize(out / "ds.idx")
-    assert sorted(os.listdir(out)) == ["ds.bin", "ds.idx"]
+    assert sorted(os.listdir(out)) == ["ds.bin", "ds.idx", "ds.manifest.json"]
     with pytest.raises(RuntimeError, match="already finalized"):
         builder.add_item([1, 2])
 
@@ -286,7 +286,7 @@ def test_existing_dataset_replaced_only_at_finalize(tmp_path, documents):
     ds = IndexedDataset(tmp_path / "ds")
     assert ds.document_count == 30
     ds.verify()
-    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx"]
+    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx", "ds.manifest.json"]
 
 
 def _rss_bytes() -> int:

@@ -206,7 +206,7 @@ def test_byte_identical_to_megatron(case, corpus, llama_sp_model, tmp_path):
         assert int(ds[0][-1]) == 2
     # no temporaries (partition files, builder temporaries) are left next to the output
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ours")) == sorted(
-        f"ours_{k}_document{e}" for k in c["keys"] for e in (".bin", ".idx"))
+        f"ours_{k}_document{e}" for k in c["keys"] for e in (".bin", ".idx", ".manifest.json"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
