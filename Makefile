@@ -10,12 +10,16 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo demo-data test test-unit test-dist clean
 
+# The first install takes several minutes (torch is the bulk): each step says what it does.
 $(VENV)/.installed: setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.h)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-build-isolation --no-deps -e .
-	touch $@
+	@test -x $(PY) || { echo "==> creating the virtual environment $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@$(PY) -c "import torch" 2>/dev/null || { echo "==> installing $(TORCH_SPEC) (CPU build; a few minutes, the largest download)"; $(PIP) install -q "$(TORCH_SPEC)"; }
+	@echo "==> installing the pinned dependencies: $$(sed -e 's/#.*//' -e 's/[<>=!~].*//' requirements.txt | xargs)"
+	@$(PIP) install -q -r requirements.txt
+	@echo "==> building the native module megatron_ext._native (C++, about a minute)"
+	@$(PIP) install -q --no-build-isolation --no-deps -e .
+	@echo "==> environment ready in $(VENV)"
+	@touch $@
 
 install: $(VENV)/.installed
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The data pipeline end to end on the shipped sample (what `make demo` runs), in seconds:
+# The data pipeline end to end on the shipped sample (what `make demo-data` runs; `make demo`
+# runs the whole MaskLLM quickstart, examples/quickstart.sh), in seconds:
 #
 #   1. tokenize the shipped plays (examples/data/shakespeare_train.jsonl) as two datasets,
 #      the comedies and the tragedies, with the shipped LLaMA-format tokenizer into Megatron
