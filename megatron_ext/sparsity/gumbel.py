@@ -16,23 +16,22 @@ product overflows). Hence
 * the backward recomputes the noise instead of keeping it: the autograd functions
   here save only the logits (and the weight, which is a parameter anyway).
 
-On the GPU the noise is computed by one ``torch.compile``d kernel (``fused``): the
-same integer hash, without the eager path's chain of passes over int64 tensors.
-``masked_weight`` and ``masked_weight_sq_norm`` go further where Triton is available
-(``kernel``; default: on the platform's GPU, see ``platform.triton_available``): one
-Triton pass forward and one backward (``fused_mask``), with the same hash.
-
-A sample drawn once can be reused: ``sample_masked_weight`` returns ``weight * mask``
-(no autograd) and ``masked_weight(..., sample=that)`` hands it out again as a fresh
-autograd output whose backward is the mask backward. The layers use it to build the
-masked weight once per training step for all micro-batches.
+``W * mask`` is two passes, each with one implementation per device, chosen in one place
+(``use_kernels``: the platform's GPU with triton importable): ``sample_pass`` (``W * mask``
+and its squared norm) and ``backward_pass`` (the logits' gradient, optionally the weight's,
+from ``dL/d(W * mask)`` and / or the regulariser's coefficient; it recomputes the noise).
+On the GPU they are the Triton kernels of ``fused_mask`` (one pass each), elsewhere the
+same arithmetic as PyTorch ops (the kernels also run on the CPU under ``TRITON_INTERPRET=1``,
+which is how the tests compare them). The backward is linear in its inputs for a fixed
+draw, so the layers run it once per step on the sum over micro-batches (``layers``).
 
 Where the logits carry a ``main_grad`` fp32 buffer (megatron-core's gradient-accumulation
 fusion convention), the backward adds the logits' gradient into it and returns none.
 
-``gumbel_soft_mask`` is the plain PyTorch reference (autograd through every op);
-``GumbelSoftMask`` / ``masked_weight`` / ``masked_weight_sq_norm`` are the
-memory-lean versions used by the layers, tested against it.
+``gumbel_soft_mask`` is the plain PyTorch reference (autograd through every op), kept as
+the oracle of tests and benchmarks; ``GumbelSoftMask`` (the mask alone) and
+``masked_weight`` / ``masked_weight_sq_norm`` (``W * mask`` and its squared norm, one
+backward pass per call) are the memory-lean functional forms, tested against it.
 
 Global group indices: a layer's group ``(row, group column)`` has index
 ``row * groups_per_row + group_column`` in the unsharded ``[out, in]`` weight;
@@ -41,7 +40,6 @@ Global group indices: a layer's group ``(row, group column)`` has index
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -153,47 +151,12 @@ def _noise_from_groups(key, groups: torch.Tensor, salts: torch.Tensor, dtype: to
     return -torch.log(-torch.log(u))
 
 
-# Cache of the compiled noise function: one kernel (hash, uniform, double log) instead of
-# a chain of elementwise passes over int64 tensors. The key travels as a tensor, so a new
-# step or layer does not recompile.
-_FUSED: dict = {}
-
-
-def _fused_noise(key: int, groups: torch.Tensor, salts: torch.Tensor, dtype: torch.dtype):
-    """The noise through ``torch.compile``, or None where it cannot be compiled (warned once)."""
-    if _FUSED.get("failed"):
-        return None
-    fn = _FUSED.get("fn")
-    if fn is None:
-        fn = _FUSED["fn"] = torch.compile(_noise_from_groups, dynamic=False)
-    try:
-        return fn(torch.tensor(key, dtype=torch.int64, device=groups.device), groups, salts, dtype)
-    except Exception as e:  # no compiler toolchain: the eager path gives the same hash
-        _FUSED["failed"] = True
-        warnings.warn(f"fused Gumbel noise unavailable ({type(e).__name__}: {e}); using the eager path")
-        return None
-
-
-def _default_fused(t: torch.Tensor) -> bool:
-    return platform.has_cuda() and t.device == platform.device()
-
-
 def gumbel_noise(key: int, offset: Offset, group_shape, num_cands: int, device=None,
-                 dtype: torch.dtype = torch.float32, fused: Optional[bool] = None) -> torch.Tensor:
-    """Standard Gumbel noise ``[*group_shape, num_cands]``, ``-log(-log(u))``.
-
-    ``fused`` (default: on the platform's GPU) computes it in one compiled kernel; the
-    hash is the same integer function either way.
-    """
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard Gumbel noise ``[*group_shape, num_cands]``, ``-log(-log(u))`` (the fused
+    kernels draw the same hash bits; ``fused_mask.noise``)."""
     groups = global_group_index(offset, group_shape, device)
-    salts = _salts(num_cands, groups.device)
-    if fused is None:
-        fused = _default_fused(groups)
-    if fused:
-        noise = _fused_noise(key, groups, salts, dtype)
-        if noise is not None:
-            return noise
-    return _noise_from_groups(key, groups, salts, dtype)
+    return _noise_from_groups(key, groups, _salts(num_cands, groups.device), dtype)
 
 
 def normal_logits(key: int, offset: Offset, group_shape, num_cands: int, std: float,
@@ -205,13 +168,21 @@ def normal_logits(key: int, offset: Offset, group_shape, num_cands: int, std: fl
     return (radius * torch.cos(2.0 * math.pi * u[..., 1::2]) * std).to(torch.float32)
 
 
-def _default_kernel(weight: torch.Tensor, logits: torch.Tensor, offset: Offset) -> bool:
+def use_kernels(weight: torch.Tensor, logits: torch.Tensor, offset: Offset = 0) -> bool:
+    """The one choice of implementation: the Triton kernels where the platform has them for
+    these tensors (its GPU, triton importable, supported dtypes and layout), else the same
+    arithmetic as PyTorch ops. The device question is ``platform.triton_available``'s."""
     if not (platform.triton_available() and weight.device == platform.device()):
         return False
     from megatron_ext.sparsity import fused_mask
 
     return (fused_mask.supports(weight, logits) and weight.dim() == 2 and logits.dim() == 3
             and not isinstance(offset, torch.Tensor))
+
+
+def _use_kernel(kernel: Optional[bool], weight, logits, offset) -> bool:
+    """``kernel``: None = ``use_kernels``; True / False force one implementation (tests, benchmarks)."""
+    return use_kernels(weight, logits, offset) if kernel is None else bool(kernel)
 
 
 def _kernel_index(offset: Offset, group_shape, device) -> GroupIndex:
@@ -232,10 +203,10 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
-def _sample(logits, cands, tau, kappa, key, offset, hard, fused=None):
+def _sample(logits, cands, tau, kappa, key, offset, hard):
     """(soft y, y used by the forward) for ``logits [..., C]``; no autograd."""
     dtype = _compute_dtype(logits)
-    noise = gumbel_noise(key, offset, logits.shape[:-1], logits.shape[-1], logits.device, dtype, fused)
+    noise = gumbel_noise(key, offset, logits.shape[:-1], logits.shape[-1], logits.device, dtype)
     z = (kappa * logits.to(dtype) + noise) / tau
     y = torch.softmax(z, dim=-1)
     if not hard:
@@ -257,7 +228,7 @@ def _check(logits, cands, tau, kappa):
 
 
 def gumbel_soft_mask(logits: torch.Tensor, candidates: torch.Tensor, tau: float, kappa: float,
-                     seed: int, offset: Offset, hard: bool = False, fused: Optional[bool] = None) -> torch.Tensor:
+                     seed: int, offset: Offset, hard: bool = False) -> torch.Tensor:
     """Reference: masks ``[..., G, M]`` for logits ``[..., G, C]`` (autograd through every op).
 
     ``seed`` is the 32-bit noise key (``noise_key(seed, step, layer_id)``), ``offset``
@@ -265,7 +236,7 @@ def gumbel_soft_mask(logits: torch.Tensor, candidates: torch.Tensor, tau: float,
     """
     _check(logits, candidates, tau, kappa)
     dtype = _compute_dtype(logits)
-    noise = gumbel_noise(seed, offset, logits.shape[:-1], logits.shape[-1], logits.device, dtype, fused)
+    noise = gumbel_noise(seed, offset, logits.shape[:-1], logits.shape[-1], logits.device, dtype)
     z = (kappa * logits.to(dtype) + noise) / tau
     y = torch.softmax(z, dim=-1)
     if hard:
@@ -278,11 +249,11 @@ class GumbelSoftMask(torch.autograd.Function):
     """``gumbel_soft_mask`` saving only the logits: the backward recomputes noise and softmax."""
 
     @staticmethod
-    def forward(ctx, logits, cands, tau, kappa, key, offset, hard, fused=None):
+    def forward(ctx, logits, cands, tau, kappa, key, offset, hard):
         _check(logits, cands, tau, kappa)
-        _, y_fwd = _sample(logits, cands, tau, kappa, key, offset, hard, fused)
+        _, y_fwd = _sample(logits, cands, tau, kappa, key, offset, hard)
         ctx.save_for_backward(logits, cands)
-        ctx.args = (tau, kappa, key, offset, hard, fused)
+        ctx.args = (tau, kappa, key, offset, hard)
         return y_fwd @ cands.to(y_fwd.dtype)
 
     @staticmethod
@@ -290,12 +261,18 @@ class GumbelSoftMask(torch.autograd.Function):
         logits, cands = ctx.saved_tensors
         y, _ = _sample(logits, cands, *ctx.args)
         grad_y = grad_mask.to(y.dtype) @ cands.to(y.dtype).t()
-        return (_softmax_backward(y, grad_y, ctx.args[0], ctx.args[1]).to(logits.dtype),) + (None,) * 7
+        return (_softmax_backward(y, grad_y, ctx.args[0], ctx.args[1]).to(logits.dtype),) + (None,) * 6
 
 
-def gumbel_soft_mask_recompute(logits, candidates, tau, kappa, seed, offset, hard=False, fused=None):
+def gumbel_soft_mask_recompute(logits, candidates, tau, kappa, seed, offset, hard=False):
     """Same values and gradients as ``gumbel_soft_mask``; keeps no noise for the backward."""
-    return GumbelSoftMask.apply(logits, candidates, tau, kappa, seed, offset, hard, fused)
+    return GumbelSoftMask.apply(logits, candidates, tau, kappa, seed, offset, hard)
+
+
+# ---------------------------------------------------------------------- W * mask: two passes
+# Everything below is two operations, each with one implementation per device (``kernel``):
+# ``sample_pass`` (W * mask and its squared norm, no autograd) and ``backward_pass``
+# (dL/dlogits, optionally dL/dW, from dL/d(W * mask) and / or the regulariser's coefficient).
 
 
 def _weight_mask(y_fwd, cands, weight_shape):
@@ -308,7 +285,7 @@ def _check_weight(weight, logits, candidates):
                          f"with groups of {candidates.shape[-1]}")
 
 
-def _grad_buffer(logits: torch.Tensor) -> Optional[torch.Tensor]:
+def grad_buffer(logits: torch.Tensor) -> Optional[torch.Tensor]:
     """The logits' ``main_grad`` buffer, if they carry one the backward can add into."""
     buf = getattr(logits, "main_grad", None)
     if buf is None:
@@ -319,147 +296,143 @@ def _grad_buffer(logits: torch.Tensor) -> Optional[torch.Tensor]:
     return buf
 
 
-def _sample_weight(weight, logits, cands, tau, kappa, key, offset, hard, fused, kernel, with_sq):
-    """``(weight * mask, sum((weight * mask)^2) or None)``, no autograd (the forward of both functions)."""
-    if kernel:
+@dataclass(frozen=True)
+class Draw:
+    """One Gumbel draw of one layer: what the two passes need besides the weight and the logits."""
+
+    cands: torch.Tensor
+    tau: float
+    kappa: float
+    key: int
+    offset: Offset
+    hard: bool
+    kernel: bool
+
+
+@torch.no_grad()
+def sample_pass(weight, logits, d: Draw, with_sq: bool):
+    """``(weight * mask, sum((weight * mask)^2) or None)``, no autograd."""
+    if d.kernel:
         from megatron_ext.sparsity import fused_mask
 
-        idx = _kernel_index(offset, logits.shape[:-1], weight.device)
-        return fused_mask.forward(weight, logits, cands, idx.rows, idx.cols, idx.groups_per_row, key, tau, kappa,
-                                  hard, with_sq_norm=with_sq)
-    _, y_fwd = _sample(logits, cands, tau, kappa, key, offset, hard, fused)
-    mask = _weight_mask(y_fwd, cands, weight.shape)
+        idx = _kernel_index(d.offset, logits.shape[:-1], weight.device)
+        return fused_mask.forward(weight, logits, d.cands, idx.rows, idx.cols, idx.groups_per_row, d.key, d.tau,
+                                  d.kappa, d.hard, with_sq_norm=with_sq)
+    _, y_fwd = _sample(logits, d.cands, d.tau, d.kappa, d.key, d.offset, d.hard)
+    mask = _weight_mask(y_fwd, d.cands, weight.shape)
     sq = (weight.to(mask.dtype) * mask).square().sum() if with_sq else None
     return weight * mask.to(weight.dtype), sq
 
 
-def _mask_backward(grad_out, weight, logits, cands, args, need_weight, reg=None, buffer=None):
+@torch.no_grad()
+def backward_pass(grad_out, weight, logits, d: Draw, need_weight: bool, reg=None, buffer=None):
     """``(dL/dweight or None, dL/dlogits)`` of ``weight * mask`` given ``grad_out`` (may be None),
     plus ``d/dlogits reg * sum((weight * mask)^2)`` when ``reg`` (a scalar tensor) is given.
-    With ``buffer`` the logits' gradient is added into it (and returned)."""
-    tau, kappa, key, offset, hard, fused, kernel = args
-    if kernel:
+    With ``buffer`` the logits' gradient is added into it (and returned). The backward is
+    linear in ``grad_out`` and ``reg``: a sum of them gives the sum of the gradients."""
+    if d.kernel:
         from megatron_ext.sparsity import fused_mask
 
-        idx = _kernel_index(offset, logits.shape[:-1], weight.device)
+        idx = _kernel_index(d.offset, logits.shape[:-1], weight.device)
         grad_logits, grad_weight = fused_mask.backward(
-            grad_out, weight, logits, cands, idx.rows, idx.cols, idx.groups_per_row, key, tau, kappa, hard,
-            grad_logits=buffer, reg=reg, want_grad_weight=need_weight)
+            grad_out, weight, logits, d.cands, idx.rows, idx.cols, idx.groups_per_row, d.key, d.tau, d.kappa,
+            d.hard, grad_logits=buffer, reg=reg, want_grad_weight=need_weight)
         return grad_weight, grad_logits
-    y, y_fwd = _sample(logits, cands, tau, kappa, key, offset, hard, fused)
+    cands = d.cands
+    y, y_fwd = _sample(logits, cands, d.tau, d.kappa, d.key, d.offset, d.hard)
     grad_weight = None
     mask = _weight_mask(y_fwd, cands, weight.shape) if need_weight or reg is not None else None
     if need_weight:
-        grad_weight = grad_out * mask.to(weight.dtype)
+        grad_weight = (grad_out * mask.to(weight.dtype)).to(weight.dtype)
     grad_mask = 0
     if grad_out is not None:
         grad_mask = grad_out.to(y.dtype) * weight.to(y.dtype)
     if reg is not None:
         grad_mask = grad_mask + 2.0 * reg.to(y.dtype) * weight.to(y.dtype).square() * mask
     grad_y = grad_mask.reshape(*logits.shape[:-1], cands.shape[1]) @ cands.to(y.dtype).t()
-    grad_logits = _softmax_backward(y, grad_y, tau, kappa)
+    grad_logits = _softmax_backward(y, grad_y, d.tau, d.kappa)
     if buffer is not None:
         buffer.add_(grad_logits)
         return grad_weight, buffer
     return grad_weight, grad_logits
 
 
+@torch.no_grad()
+def mask_of(weight, logits, d: Draw) -> torch.Tensor:
+    """The draw's mask in the weight's dtype and shape (what ``dL/dweight = grad * mask`` needs)."""
+    return sample_pass(torch.ones_like(weight), logits, d, False)[0]
+
+
+def _draw(candidates, tau, kappa, seed, offset, hard, kernel, weight, logits) -> Draw:
+    _check(logits, candidates, tau, kappa)
+    _check_weight(weight, logits, candidates)
+    return Draw(candidates, tau, kappa, seed, offset, hard, _use_kernel(kernel, weight, logits, offset))
+
+
 class _MaskedWeight(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, logits, sample, cands, tau, kappa, key, offset, hard, fused, kernel):
-        ctx.save_for_backward(weight, logits, cands)
-        ctx.args = (tau, kappa, key, offset, hard, fused, kernel)
-        ctx.main_grad = _grad_buffer(logits)
-        if sample is not None:  # a fresh output aliasing the sample drawn before
-            return sample.view_as(sample)
-        return _sample_weight(weight, logits, cands, tau, kappa, key, offset, hard, fused, kernel, False)[0]
+    def forward(ctx, weight, logits, d):
+        ctx.save_for_backward(weight, logits)
+        ctx.draw = d
+        ctx.main_grad = grad_buffer(logits)
+        return sample_pass(weight, logits, d, False)[0]
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, logits, cands = ctx.saved_tensors
+        weight, logits = ctx.saved_tensors
         need_weight, need_logits = ctx.needs_input_grad[:2]
-        if not (need_weight or need_logits):
-            return (None,) * 11
         if not need_logits:  # the mask alone (no logits gradient to form)
-            tau, kappa, key, offset, hard, fused, kernel = ctx.args
-            mask = _sample_weight(torch.ones_like(weight), logits, cands, tau, kappa, key, offset, hard, fused,
-                                  kernel, False)[0]
-            return (grad_out * mask,) + (None,) * 10
+            return grad_out * mask_of(weight, logits, ctx.draw), None, None
         buffer = ctx.main_grad
-        grad_weight, grad_logits = _mask_backward(grad_out, weight, logits, cands, ctx.args, need_weight,
-                                                  buffer=buffer)
+        grad_weight, grad_logits = backward_pass(grad_out, weight, logits, ctx.draw, need_weight, buffer=buffer)
         grad_logits = None if buffer is not None else grad_logits.to(logits.dtype)
-        return (grad_weight, grad_logits) + (None,) * 9
-
-
-def _use_kernel(kernel: Optional[bool], weight, logits, offset) -> bool:
-    return _default_kernel(weight, logits, offset) if kernel is None else bool(kernel)
+        return grad_weight, grad_logits, None
 
 
 def masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, tau: float,
                   kappa: float, seed: int, offset: Offset, hard: bool = False,
-                  fused: Optional[bool] = None, kernel: Optional[bool] = None,
-                  sample: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  kernel: Optional[bool] = None) -> torch.Tensor:
     """``weight * mask`` for ``weight [O, G*M]`` and ``logits [O, G, C]``, gradients to both.
 
-    Saves ``weight`` and ``logits`` only; the mask and its noise are recomputed in
-    the backward. ``kernel``: the Triton kernels (default: on the platform's GPU where
-    triton is importable; ``True`` forces them, ``False`` the PyTorch ops). ``sample``:
-    the ``weight * mask`` of this very draw from ``sample_masked_weight``; it is returned
-    as a fresh view (no work in the forward), the backward is the same.
+    Saves ``weight`` and ``logits`` only; the mask and its noise are recomputed in the
+    backward (one ``backward_pass`` per call; the layers defer theirs to once per step).
+    ``kernel``: None = ``use_kernels``; ``True`` forces the Triton kernels, ``False`` the
+    PyTorch ops.
     """
-    _check(logits, candidates, tau, kappa)
-    _check_weight(weight, logits, candidates)
-    if sample is not None and (sample.shape != weight.shape or sample.dtype != weight.dtype):
-        raise ValueError(f"sample {sample.dtype} {tuple(sample.shape)} is not a masked weight of "
-                         f"{weight.dtype} {tuple(weight.shape)}")
-    kernel = _use_kernel(kernel, weight, logits, offset)
-    return _MaskedWeight.apply(weight, logits, sample, candidates, tau, kappa, seed, offset, hard, fused, kernel)
+    d = _draw(candidates, tau, kappa, seed, offset, hard, kernel, weight, logits)
+    return _MaskedWeight.apply(weight, logits, d)
 
 
 @torch.no_grad()
 def sample_masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, tau: float,
                          kappa: float, seed: int, offset: Offset, hard: bool = False,
-                         fused: Optional[bool] = None, kernel: Optional[bool] = None):
-    """``(weight * mask, sum((weight * mask)^2))`` of one draw, without autograd: the
-    ``sample`` for ``masked_weight`` and the ``value`` for ``masked_weight_sq_norm``."""
-    _check(logits, candidates, tau, kappa)
-    _check_weight(weight, logits, candidates)
-    kernel = _use_kernel(kernel, weight, logits, offset)
-    return _sample_weight(weight, logits, candidates, tau, kappa, seed, offset, hard, fused, kernel, True)
+                         kernel: Optional[bool] = None):
+    """``(weight * mask, sum((weight * mask)^2))`` of one draw, without autograd."""
+    d = _draw(candidates, tau, kappa, seed, offset, hard, kernel, weight, logits)
+    return sample_pass(weight, logits, d, True)
 
 
 class _MaskedSqNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, logits, value, cands, tau, kappa, key, offset, hard, fused, kernel):
-        ctx.save_for_backward(weight, logits, cands)
-        ctx.args = (tau, kappa, key, offset, hard, fused, kernel)
-        ctx.main_grad = _grad_buffer(logits)
-        if value is not None:
-            return value.clone()
-        return _sample_weight(weight, logits, cands, tau, kappa, key, offset, hard, fused, kernel, True)[1]
+    def forward(ctx, weight, logits, d):
+        ctx.save_for_backward(weight, logits)
+        ctx.draw = d
+        ctx.main_grad = grad_buffer(logits)
+        return sample_pass(weight, logits, d, True)[1]
 
     @staticmethod
     def backward(ctx, grad):
-        weight, logits, cands = ctx.saved_tensors
+        weight, logits = ctx.saved_tensors
         if not ctx.needs_input_grad[1]:
-            return (None,) * 11
+            return None, None, None
         buffer = ctx.main_grad
-        _, grad_logits = _mask_backward(None, weight, logits, cands, ctx.args, False, reg=grad, buffer=buffer)
-        grad_logits = None if buffer is not None else grad_logits.to(logits.dtype)
-        return (None, grad_logits) + (None,) * 9
+        _, grad_logits = backward_pass(None, weight, logits, ctx.draw, False, reg=grad, buffer=buffer)
+        return None, (None if buffer is not None else grad_logits.to(logits.dtype)), None
 
 
 def masked_weight_sq_norm(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, tau: float,
                           kappa: float, seed: int, offset: Offset, hard: bool = False,
-                          fused: Optional[bool] = None, kernel: Optional[bool] = None,
-                          value: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``sum((weight * mask) ** 2)`` with the gradient reaching ``logits`` only (weight is a constant).
-
-    ``value``: this draw's sum from ``sample_masked_weight`` (the forward then does no work).
-    """
-    _check(logits, candidates, tau, kappa)
-    _check_weight(weight, logits, candidates)
-    kernel = _use_kernel(kernel, weight, logits, offset)
-    return _MaskedSqNorm.apply(weight.detach(), logits, value, candidates, tau, kappa, seed, offset, hard, fused,
-                               kernel)
+                          kernel: Optional[bool] = None) -> torch.Tensor:
+    """``sum((weight * mask) ** 2)`` with the gradient reaching ``logits`` only (weight is a constant)."""
+    d = _draw(candidates, tau, kappa, seed, offset, hard, kernel, weight, logits)
+    return _MaskedSqNorm.apply(weight.detach(), logits, d)

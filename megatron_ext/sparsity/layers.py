@@ -11,28 +11,46 @@ hands megatron-core's linear the effective weight ``weight * mask``:
 * ``"eval"`` or a module in ``eval()``: the argmax hard N:M mask;
 * ``"dense"``: the weight unchanged.
 
-Training builds the sampled ``weight * mask`` once per step: every micro-batch of a step
-draws the same noise (it is keyed by ``SparsityState.step``), so the first forward of
-the step computes it without autograd (one Triton pass on the GPU) and caches it on the
-layer; each micro-batch then gets a fresh autograd output aliasing the cache, whose
-backward runs the mask backward (one Triton pass) and adds into the logits' gradient.
-The cache is keyed by the step, tau, kappa, hard, the logits and the weight (storage
-and version) and the count of optimizer steps taken in the process (a fused optimizer
-does not bump version counters), so an optimizer step or any in-place change of the
-logits or the weight rebuilds it.
+Training draws one sample per step and runs the mask backward once per step. Every
+micro-batch of a step draws the same noise (it is keyed by ``SparsityState.step``), so:
 
-Memory: the cache is one tensor per layer, the masked weight in the weight's dtype
-(2 bytes per weight in bf16), plus one fp32 scalar (the regulariser's
-``sum ||W * M~||^2`` of the draw). The backward keeps nothing else: megatron-core's
-linear saves the masked weight it multiplied by, which is the cache itself (the
-per-micro-batch path saved one such tensor per micro-batch in flight), and the mask
-backward needs only the weight and the logits, which are parameters. The cache lives
-from the first forward of a step until the next step's first forward and is freed
-when the layer leaves training mode (``module.eval()``) or sparsity leaves ``"train"``
-mode; ``clear_mask_cache()`` frees it at any time (a trainer may call it after a step's
-last backward, so the optimizer step runs without it). Knobs for comparisons:
-``step_cache = False`` (a sample per micro-batch), ``fused_kernel = False`` (PyTorch ops
-on the GPU too), ``lean = False`` (the plain reference).
+* forward: the first forward of the step builds ``weight * mask`` without autograd
+  (``gumbel.sample_pass``: one Triton pass on the GPU) and caches it on the layer; each
+  micro-batch gets a fresh autograd output aliasing the cache;
+* backward: each micro-batch's ``dL/d(weight * mask)`` (megatron-core's weight-gradient
+  GEMM output) is added into a per-layer fp32 sum, and the regulariser's coefficient into a
+  scalar; nothing else runs per micro-batch, as for a dense layer's gradient accumulation;
+* once per step, ``finish_mask_backward()`` (``model.finish_mask_backward(model)`` for all
+  layers) runs ``gumbel.backward_pass`` on those sums (one Triton pass: the logits' gradient
+  into their ``main_grad`` or ``.grad``, the weight's when it trains) and frees the step's
+  tensors. The backward is linear in ``dL/d(weight * mask)`` and the coefficient for a
+  fixed draw, so this is the per-micro-batch gradient summed, up to fp32 rounding.
+
+Gradients are complete only after ``finish_mask_backward``: the trainer calls it after the
+step's last backward (the regulariser's included) and before the gradient reduction and
+clipping. As a safety net it also runs before any ``torch.optim`` step, when the layer
+leaves training mode (``module.eval()``), on ``clear_mask_cache()``, and before a new
+draw replaces the cached one, so no accumulated gradient is lost or left stale.
+
+The cache is keyed by the step, tau, kappa, hard, the logits and the weight (storage and
+version) and the count of optimizer steps taken in the process (a fused optimizer does not
+bump version counters), so an optimizer step or any in-place change of the logits or the
+weight rebuilds it (finishing a pending backward first; a logit or weight changed in place
+while a backward is pending is an error, as autograd's own version check would be).
+
+Memory per masked weight, from the step's first forward to ``finish_mask_backward``: the
+cached masked weight in the weight's dtype (2 bytes in bf16; megatron-core's linear saves
+this very tensor for its backward, so activations hold no other copy) and the fp32 sum of
+``dL/d(weight * mask)`` (4 bytes; with a single micro-batch per step the micro-batch's own
+gradient is kept instead, 2 bytes in bf16). Both are freed by ``finish_mask_backward``, so
+the optimizer step runs without them. The backward keeps nothing else: noise and softmax
+are recomputed from the counter-based hash.
+
+Implementation: one production path per device (``gumbel.use_kernels``: the Triton kernels
+on the platform's GPU, the same arithmetic as PyTorch ops elsewhere). ``mask_impl`` exists
+for comparisons only: ``"kernel"`` / ``"torch"`` force one implementation of the two passes,
+``"reference"`` is the plain autograd oracle (``gumbel.gumbel_soft_mask`` per micro-batch,
+gradients complete after each backward).
 
 When neither the weight nor the logits need a gradient, megatron-core's
 frozen-weight path runs (no weight-gradient GEMM). When only the logits train
@@ -44,14 +62,15 @@ input dimension, Row layers split it, so ``in / TP`` must be a multiple of ``M``
 """
 from __future__ import annotations
 
+import weakref
 import zlib
-from typing import NamedTuple, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                   set_tensor_model_parallel_attributes)
 from megatron.core.utils import get_pg_rank, get_pg_size
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from megatron_ext.models.config import ConfigError
 from megatron_ext.sparsity import gumbel
@@ -74,26 +93,122 @@ def _strided_rows(out_local: int, stride: int, rank: int, world: int) -> torch.T
 
 class _OptimizerSteps:
     """Count of ``torch.optim`` optimizer steps in this process: part of the cache key, since
-    fused optimizers update parameters without bumping their version counters."""
+    fused optimizers update parameters without bumping their version counters. Before any
+    optimizer step, the mask backwards still pending are finished (a training loop that
+    never calls ``finish_mask_backward`` still steps on complete gradients)."""
 
     count = 0
-    _hook = None
+    _hooks = None
 
     @classmethod
     def current(cls) -> int:
-        if cls._hook is None:
-            cls._hook = register_optimizer_step_post_hook(cls._count)
+        if cls._hooks is None:
+            cls._hooks = (register_optimizer_step_pre_hook(cls._finish_pending),
+                          register_optimizer_step_post_hook(cls._count))
         return cls.count
 
     @classmethod
     def _count(cls, *_args) -> None:
         cls.count += 1
 
+    @staticmethod
+    def _finish_pending(*_args) -> None:
+        if _PENDING:
+            finish_layers(list(_PENDING))
 
-class _StepSample(NamedTuple):
-    key: tuple
-    masked: torch.Tensor     # weight * mask of the draw, no autograd
-    sq_norm: torch.Tensor    # fp32 sum((weight * mask)^2) of the draw
+
+# layers holding gradients accumulated for a draw whose mask backward has not run yet
+_PENDING: "weakref.WeakSet[_MaskedLinearMixin]" = weakref.WeakSet()
+
+
+class _StepSample:
+    """One layer's draw for one step: the masked weight (no autograd), its squared norm, and
+    what the step's backwards accumulated for it until ``finish_mask_backward``."""
+
+    __slots__ = ("key", "draw", "masked", "sq_norm", "grad_sum", "owns_sum", "reg_sum", "need_weight",
+                 "need_logits", "finished")
+
+    def __init__(self, key: tuple, draw: gumbel.Draw, masked: torch.Tensor, sq_norm: torch.Tensor) -> None:
+        self.key, self.draw, self.masked, self.sq_norm = key, draw, masked, sq_norm
+        self.grad_sum: Optional[torch.Tensor] = None   # sum over micro-batches of dL/d(weight * mask)
+        self.owns_sum = False                          # grad_sum is our fp32 tensor (not autograd's)
+        self.reg_sum: Optional[torch.Tensor] = None    # sum of the regulariser's coefficients (fp32 scalar)
+        self.need_weight = self.need_logits = False
+        self.finished = False
+
+    def pending(self) -> bool:
+        return self.grad_sum is not None or self.reg_sum is not None
+
+    def add(self, grad: Optional[torch.Tensor], reg: Optional[torch.Tensor]) -> None:
+        if grad is not None:
+            if self.grad_sum is None:
+                self.grad_sum = grad  # one micro-batch: its own gradient, no copy
+            else:
+                if not self.owns_sum:
+                    self.grad_sum = self.grad_sum.to(torch.float32, copy=True)
+                    self.owns_sum = True
+                self.grad_sum.add_(grad)
+        if reg is not None:
+            reg = reg.detach().reshape(()).to(torch.float32)
+            self.reg_sum = reg if self.reg_sum is None else self.reg_sum + reg
+
+
+class _StepMaskedWeight(torch.autograd.Function):
+    """A micro-batch's view of the step's masked weight; its backward only accumulates."""
+
+    @staticmethod
+    def forward(ctx, weight, logits, masked, layer, entry):
+        ctx.layer, ctx.entry = layer, entry
+        return masked.view_as(masked)  # a fresh output aliasing the cache
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.layer._accumulate(ctx.entry, grad_out, None, *ctx.needs_input_grad[:2])
+        return None, None, None, None, None
+
+
+class _StepSqNorm(torch.autograd.Function):
+    """The regulariser's ``sum ||W * M~||^2`` of the step's draw; its backward only accumulates."""
+
+    @staticmethod
+    def forward(ctx, logits, value, layer, entry):
+        ctx.layer, ctx.entry = layer, entry
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.layer._accumulate(ctx.entry, None, grad, False, True)
+        return None, None, None, None
+
+
+def finish_layers(layers) -> None:
+    """Run the pending mask backward of ``layers`` and free their step's tensors; gradients
+    that go through autograd (``.grad`` and its hooks) are delivered in one engine call."""
+    params, grads = [], []
+    for layer in layers:
+        for p, g in layer._finish():
+            params.append(p)
+            grads.append(g)
+        layer._release()
+    if params:
+        with torch.enable_grad():
+            torch.autograd.backward(params, grads)
+
+
+class _LateEntry:
+    """A layer finishing one given draw (a backward that arrived after its step was finished)."""
+
+    def __init__(self, layer, entry) -> None:
+        self.layer, self.entry = layer, entry
+
+    def _finish(self):
+        return self.layer._finish(self.entry)
+
+    def _release(self) -> None:
+        pass
+
+
+MASK_IMPLS = (None, "kernel", "torch", "reference")
 
 
 def _check_state(sparsity, name: str) -> None:
@@ -120,16 +235,9 @@ class _MaskedLinearMixin:
         self.N, self.M = N, M
         self.layer_name: Optional[str] = None
         self.layer_id: Optional[int] = None
-        # True: the autograd functions that keep only weight and logits for the backward;
-        # False: the plain reference (keeps noise, softmax and mask), for comparisons
-        self.lean = True
-        # the Gumbel noise through one compiled kernel: None = on the platform's GPU
-        self.fused_noise: Optional[bool] = None
-        # the fused Triton mask kernels: None = on the platform's GPU where triton is
-        # importable; False = PyTorch ops (for comparisons); True = always
-        self.fused_kernel: Optional[bool] = None
-        # build the lean masked weight once per step and share it between micro-batches
-        self.step_cache = True
+        # None: the device's production path (gumbel.use_kernels). For comparisons only:
+        # "kernel" / "torch" force one implementation, "reference" the plain autograd oracle
+        self.mask_impl: Optional[str] = None
         self._mask_cache: Optional[_StepSample] = None
         device = self.weight.device
         cands = candidates(N, M, device=device)
@@ -185,13 +293,95 @@ class _MaskedLinearMixin:
     def _noise_key(self) -> int:
         return gumbel.noise_key(self.sparsity.seed, self.sparsity.step, self._require_id())
 
-    def _draw(self):
+    def _kernel(self) -> bool:
+        impl = self.mask_impl
+        if impl not in MASK_IMPLS:
+            raise ValueError(f"{self.layer_name or self.name}: mask_impl must be one of {MASK_IMPLS}, got {impl!r}")
+        if impl is None:
+            return gumbel.use_kernels(self.weight, self.mask_logits, self.group_index())
+        return impl == "kernel"
+
+    def _draw(self) -> tuple:
+        """This step's draw as ``(candidates, tau, kappa, noise key, group index, hard, kernel)``:
+        the arguments of ``gumbel.masked_weight`` after the weight and the logits."""
         s = self.sparsity
-        return (self.candidates, s.tau, s.kappa, self._noise_key(), self.group_index(), s.hard, self.fused_noise,
-                self.fused_kernel)
+        return self.candidates, s.tau, s.kappa, self._noise_key(), self.group_index(), s.hard, self._kernel()
+
+    def _cache_key(self) -> tuple:
+        s, w, lg = self.sparsity, self.weight, self.mask_logits
+        return (s.step, s.tau, s.kappa, s.hard, self._noise_key(), _OptimizerSteps.current(),
+                lg.data_ptr(), lg._version, w.data_ptr(), w._version, w.dtype, self.mask_impl)
+
+    def _step_sample(self) -> _StepSample:
+        """This step's ``weight * mask`` and its squared norm, built on first use (no autograd)."""
+        key = self._cache_key()
+        entry = self._mask_cache
+        if entry is None or entry.key != key:
+            self.clear_mask_cache()  # finishes a pending backward of the previous draw and frees it
+            draw = gumbel.Draw(*self._draw())
+            masked, sq = gumbel.sample_pass(self.weight.detach(), self.mask_logits.detach(), draw, True)
+            entry = self._mask_cache = _StepSample(key, draw, masked, sq)
+        return entry
+
+    # ------------------------------------------------------------------ the step's mask backward
+    def _accumulate(self, entry: _StepSample, grad, reg, need_weight: bool, need_logits: bool) -> None:
+        late = entry.finished  # a backward after the step was finished: run it at once
+        entry.finished = False
+        entry.add(grad, reg)
+        entry.need_weight |= bool(need_weight)
+        entry.need_logits |= bool(need_logits)
+        if late:
+            finish_layers([_LateEntry(self, entry)])
+        else:
+            _PENDING.add(self)
+
+    def _finish(self, entry: Optional[_StepSample] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Run the mask backward of ``entry`` (default: the cached draw) on what was accumulated;
+        the logits' gradient goes into their ``main_grad`` when they carry one. Returns the
+        ``(parameter, gradient)`` pairs left for autograd to deliver (``finish_layers``)."""
+        if entry is None:
+            _PENDING.discard(self)
+            entry = self._mask_cache
+        if entry is None or entry.finished:
+            return []
+        entry.finished = True
+        if not entry.pending():
+            return []
+        w, lg = self.weight, self.mask_logits
+        if (w.data_ptr(), w._version, lg.data_ptr(), lg._version) != (entry.key[8], entry.key[9], entry.key[6],
+                                                                      entry.key[7]):
+            raise RuntimeError(f"{self.layer_name or self.name}: weight or mask logits changed in place while the "
+                               "step's mask backward was pending; call finish_mask_backward(model) after the "
+                               "step's last backward, before changing them")
+        grad, reg, need_logits = entry.grad_sum, entry.reg_sum, entry.need_logits
+        need_weight = entry.need_weight and grad is not None
+        entry.grad_sum = entry.reg_sum = None
+        entry.owns_sum = entry.need_weight = entry.need_logits = False
+        out = []
+        if need_logits:
+            buffer = gumbel.grad_buffer(lg)
+            grad_weight, grad_logits = gumbel.backward_pass(grad, w.detach(), lg.detach(), entry.draw, need_weight,
+                                                            reg=reg, buffer=buffer)
+            if buffer is None:
+                out.append((lg, grad_logits.to(lg.dtype)))
+        elif need_weight:
+            grad_weight = grad * gumbel.mask_of(w.detach(), lg.detach(), entry.draw)
+        if need_weight:
+            out.append((w, grad_weight.to(w.dtype)))
+        return out
+
+    def finish_mask_backward(self) -> None:
+        """Complete this layer's gradients for the step (see the module docstring) and free
+        the step's tensors; ``megatron_ext.sparsity.finish_mask_backward(model)`` does all layers."""
+        finish_layers([self])
 
     def clear_mask_cache(self) -> None:
-        """Free the cached masked weight of the current step (rebuilt on the next forward)."""
+        """Finish a pending mask backward, then free the cached masked weight of the current
+        step (rebuilt on the next forward)."""
+        if self._mask_cache is not None:
+            finish_layers([self])
+
+    def _release(self) -> None:
         self._mask_cache = None
 
     def train(self, mode: bool = True):
@@ -199,25 +389,7 @@ class _MaskedLinearMixin:
             self.clear_mask_cache()
         return super().train(mode)
 
-    def _cache_key(self) -> tuple:
-        s, w, lg = self.sparsity, self.weight, self.mask_logits
-        return (s.step, s.tau, s.kappa, s.hard, self._noise_key(), _OptimizerSteps.current(),
-                lg.data_ptr(), lg._version, w.data_ptr(), w._version, w.dtype, self.fused_noise, self.fused_kernel)
-
-    def _step_sample(self) -> _StepSample:
-        """This step's ``weight * mask`` and its squared norm, built on first use (no autograd)."""
-        key = self._cache_key()
-        entry = self._mask_cache
-        if entry is None or entry.key != key:
-            self._mask_cache = None  # free the previous step's before building
-            masked, sq = gumbel.sample_masked_weight(self.weight.detach(), self.mask_logits.detach(),
-                                                     *self._draw())
-            entry = self._mask_cache = _StepSample(key, masked, sq)
-        return entry
-
-    def _cached(self, weight: torch.Tensor) -> bool:
-        return self.lean and self.step_cache and weight is self.weight
-
+    # ------------------------------------------------------------------ forward
     def effective_weight(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight megatron-core's linear multiplies by, for the current mode."""
         weight = self.weight if weight is None else weight
@@ -226,13 +398,17 @@ class _MaskedLinearMixin:
             if self.sparsity.mode == "dense":
                 return weight
             return weight * self.hard_mask().to(weight.dtype)
-        if not self.lean:
-            s = self.sparsity
-            mask = gumbel.gumbel_soft_mask(self.mask_logits, self.candidates, s.tau, s.kappa, self._noise_key(),
-                                           self.group_index(), s.hard, self.fused_noise)
-            return weight * mask.reshape(weight.shape).to(weight.dtype)
-        sample = self._step_sample().masked if self._cached(weight) else None
-        return gumbel.masked_weight(weight, self.mask_logits, *self._draw(), sample=sample)
+        if self.mask_impl == "reference":
+            return weight * self._reference_mask().reshape(weight.shape).to(weight.dtype)
+        if weight is not self.weight:  # not this layer's weight: no step cache, one backward per call
+            return gumbel.masked_weight(weight, self.mask_logits, *self._draw())
+        entry = self._step_sample()
+        return _StepMaskedWeight.apply(self.weight, self.mask_logits, entry.masked, self, entry)
+
+    def _reference_mask(self) -> torch.Tensor:
+        s = self.sparsity
+        return gumbel.gumbel_soft_mask(self.mask_logits, self.candidates, s.tau, s.kappa, self._noise_key(),
+                                       self.group_index(), s.hard)
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         return super()._forward_impl(input, self.effective_weight(weight), *args, **kwargs)
@@ -242,8 +418,11 @@ class _MaskedLinearMixin:
         if self.sparsity.mode == "dense":
             raise RuntimeError("the sparse weight regulariser needs masks (sparsity mode is 'dense')")
         if self._sampling():
-            value = self._step_sample().sq_norm if self._cached(self.weight) else None
-            return gumbel.masked_weight_sq_norm(self.weight.detach(), self.mask_logits, *self._draw(), value=value)
+            if self.mask_impl == "reference":
+                mask = self._reference_mask().reshape(self.weight.shape)
+                return (self.weight.detach().to(mask.dtype) * mask).square().sum()
+            entry = self._step_sample()
+            return _StepSqNorm.apply(self.mask_logits, entry.sq_norm, self, entry)
         with torch.no_grad():
             return (self.weight.float() * self.hard_mask()).square().sum()
 
@@ -265,12 +444,12 @@ class _MaskedLinearMixin:
                              f"{self.N}:{self.M} mask")
         if alpha == 0:
             return
+        self.clear_mask_cache()
         logits = self.mask_logits
         prior = prior_mask.to(device=logits.device, dtype=torch.float32).reshape(*logits.shape[:-1], self.M)
         overlap = prior @ self.candidates.t()  # [O, G, C]
         std = self._global_std(logits)
         logits.add_(alpha * std * (overlap - self.N / 2))
-        self.clear_mask_cache()
 
     def _global_std(self, t: torch.Tensor) -> torch.Tensor:
         stats = torch.stack([torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device),

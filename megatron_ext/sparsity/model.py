@@ -11,7 +11,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_ext.models.build import build_model
 from megatron_ext.models.config import LlamaConfig
-from megatron_ext.sparsity.layers import MaskedColumnParallelLinear, MaskedRowParallelLinear, _MaskedLinearMixin
+from megatron_ext.sparsity.layers import (MaskedColumnParallelLinear, MaskedRowParallelLinear, _MaskedLinearMixin,
+                                          finish_layers)
 from megatron_ext.sparsity.state import SparsityState
 
 MASKED_SLOTS = {
@@ -26,6 +27,22 @@ LOGITS_SUFFIX = "mask_logits"
 def masked_linears(model: torch.nn.Module) -> List[Tuple[str, _MaskedLinearMixin]]:
     """``(module name, layer)`` for every masked linear, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _MaskedLinearMixin)]
+
+
+def finish_mask_backward(model: torch.nn.Module) -> None:
+    """Complete the step's mask gradients and free the step's per-layer tensors.
+
+    Call once per training step, after the last micro-batch's backward and the
+    regulariser's, before the data-parallel gradient reduction, clipping and the optimizer
+    step. The masked linears accumulate ``dL/d(weight * mask)`` over the step's micro-batches
+    (the draw is the same for all of them); this runs the mask backward once on the sum
+    (one Triton pass per layer on the GPU): every ``mask_logits`` gradient (into its
+    ``main_grad`` where it carries one, else ``.grad``) and, when the weights train, every
+    ``weight.grad`` is then complete. It frees the cached masked weights and the sums, so the
+    optimizer step runs without them (the next forward draws again). A no-op when nothing
+    is pending (dense or evaluation modes, no backward since the last call).
+    """
+    finish_layers([layer for _, layer in masked_linears(model)])
 
 
 def _canonical_name(name: str, layer_numbers: Dict[str, int]) -> str:

@@ -1,6 +1,7 @@
 """Fused Triton Gumbel-mask kernels (run on CPU tensors by Triton's interpreter) against the
-PyTorch paths, and the once-per-step masked weight of the layers against the per-micro-batch
-path: same values, same gradients, rebuilt when the logits change, freed outside training.
+PyTorch paths, and the layers' once-per-step draw and mask backward against the plain
+reference path (a sample and a backward per micro-batch): same values, same gradients,
+rebuilt when the logits change, freed outside training.
 
 The interpreter must be chosen before triton is first imported (megatron-core imports it):
 when this module is the first to load triton, ``TRITON_INTERPRET=1`` is set here and the
@@ -23,8 +24,8 @@ import torch  # noqa: E402
 from megatron_ext import platform  # noqa: E402
 from megatron_ext.models import get_config  # noqa: E402
 from megatron_ext.models.build import lm_loss  # noqa: E402
-from megatron_ext.sparsity import (build_sparse_model, fused_mask, gumbel, masked_linears,  # noqa: E402
-                                   sparse_weight_norm)
+from megatron_ext.sparsity import (build_sparse_model, finish_mask_backward, fused_mask, gumbel,  # noqa: E402
+                                   masked_linears, sparse_weight_norm)
 from megatron_ext.sparsity.layers import _strided_rows  # noqa: E402
 from megatron_ext.sparsity.nm import candidates, check_nm  # noqa: E402
 
@@ -270,15 +271,15 @@ def _batches(count, batch=2, seq=16, seed=0):
 
 
 def _twins(mask_only=True, dtype=torch.float32, hard=False, cfg=CFG):
-    """Two sparse models with the same tensors on the PyTorch path: the first caches the
-    step's masked weight, the second rebuilds it for every micro-batch."""
+    """Two sparse models with the same tensors: the first on the production path with the
+    PyTorch ops (one draw and one mask backward per step), the second on the plain reference
+    (a sample and autograd through every op for every micro-batch)."""
     models = []
-    for cache in (True, False):
+    for impl in ("torch", "reference"):
         platform.seed_everything(3)
         model = build_sparse_model(cfg, 2, 4, dtype, mask_only=mask_only, hard=hard)
         for _, layer in masked_linears(model):
-            layer.step_cache = cache
-            layer.fused_kernel = False
+            layer.mask_impl = impl
         model.sparsity_state.update(3, 10)
         models.append(model)
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
@@ -290,7 +291,7 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("mask_only,hard", [(True, False), (True, True), (False, False)])
-def test_step_cache_gives_the_gradients_of_the_per_micro_batch_path(tp1, mask_only, hard):
+def test_one_mask_backward_per_step_gives_the_gradients_of_the_per_micro_batch_reference(tp1, mask_only, hard):
     cached, plain = _twins(mask_only=mask_only, hard=hard)
     batches = _batches(3)
     for model in (cached, plain):
@@ -301,15 +302,18 @@ def test_step_cache_gives_the_gradients_of_the_per_micro_batch_path(tp1, mask_on
         reg = sparse_weight_norm(model)
         (-0.01 * reg).backward()
         model.reg = reg.item()
+    for _, layer in masked_linears(cached):  # the step's draw, kept until the step is finished
+        entry = layer._mask_cache
+        assert entry is not None and entry.key == layer._cache_key() and entry.pending()
+    finish_mask_backward(cached)
+    finish_mask_backward(plain)
     assert cached.losses == plain.losses and cached.reg == plain.reg
     a, b = _grads(cached), _grads(plain)
     assert a.keys() == b.keys() and any(n.endswith("mask_logits") for n in a)
     assert any(not n.endswith("mask_logits") for n in a) == (not mask_only)  # weights get gradients too
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
-    for _, layer in masked_linears(cached):
-        entry = layer._mask_cache
-        assert entry is not None and entry.key == layer._cache_key()
+    assert all(layer._mask_cache is None for _, layer in masked_linears(cached))  # freed by the finish
     assert all(layer._mask_cache is None for _, layer in masked_linears(plain))
 
 
@@ -324,6 +328,7 @@ def test_each_micro_batch_gets_a_fresh_output_aliasing_the_cache(tp1):
     with pytest.raises(RuntimeError):
         first.mul_(2)  # the cache is shared: in-place changes of an output are refused
     (first.sum() + second.sum()).backward()
+    layer.finish_mask_backward()
     (ref,) = torch.autograd.grad(2 * gumbel.masked_weight(layer.weight, layer.mask_logits, *layer._draw()).sum(),
                                  layer.mask_logits)
     torch.testing.assert_close(layer.mask_logits.grad, ref, rtol=1e-6, atol=1e-8)
@@ -379,6 +384,8 @@ def test_cache_is_freed_outside_training(tp1):
 
 def test_recompute_of_a_layer_uses_the_same_sample(tp1):
     cached, plain = _twins()
+    for _, layer in masked_linears(plain):  # the same path, without the recompute
+        layer.mask_impl = "torch"
     x = torch.randn(16, 2, CFG.hidden_size, generator=torch.Generator().manual_seed(5)).to(platform.device())
     got = {}
     for model, recompute in ((cached, True), (plain, False)):
@@ -389,28 +396,41 @@ def test_recompute_of_a_layer_uses_the_same_sample(tp1):
 
         out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if recompute else run(x)
         out.square().sum().backward()
+        finish_mask_backward(model)
         got[recompute] = (out.detach(), layer.mask_logits.grad)
     torch.testing.assert_close(got[True], got[False], rtol=1e-6, atol=1e-8)
 
 
 def test_trainer_optimizer_with_cache_follows_the_per_micro_batch_run(tp1):
     """Three steps of two micro-batches with the trainer's optimizer (fused AdamW: no version
-    bumps) and the regulariser: the cached run ends on the same logits."""
+    bumps) and the regulariser: the run with one draw and one mask backward per step gets
+    each step's gradients and ends on the same logits as the per-micro-batch reference.
+
+    AdamW's eps is 1e-3 here, not 1e-8: with 1e-8 the update of a logit whose gradient is
+    ~1e-9 is about lr * sign(gradient), so fp32 rounding differences between the two paths
+    (~1e-10 absolute) would move it by up to lr and the comparison would measure rounding."""
+    from megatron_ext.sparsity.plugin import MaskLLM, MaskLLMConfig
     from megatron_ext.training.optimizer import TrainOptimizer, param_groups
 
     cached, plain = _twins()
     initial = [layer.mask_logits.detach().clone() for _, layer in masked_linears(cached)]
     batches = _batches(6, seed=1)
+    step_grads = {}
     for model in (cached, plain):
-        opt = TrainOptimizer(model, param_groups(model, lr=0.05, min_lr=0.0), lr=0.05, fused=True)
+        groups = param_groups(model, MaskLLM(MaskLLMConfig()).param_groups(model, 0.05, 0.0))
+        opt = TrainOptimizer(model, groups, lr=0.05, eps=1e-3, fused=True)
         for step in range(3):
             model.sparsity_state.update(step, 3)  # also moves tau and kappa
             opt.zero_grad()
             for tokens, labels in batches[2 * step:2 * step + 2]:
                 (lm_loss(model, tokens, labels) / 2).backward()
             (-1e-3 * sparse_weight_norm(model)).backward()
+            finish_mask_backward(model)  # the trainer's call, before reduction, clipping and the step
+            step_grads.setdefault(id(model), []).append(opt.grad_buffer.clone())
             opt.step()
         opt.close()
+    for a, b in zip(step_grads[id(cached)], step_grads[id(plain)]):
+        assert _rel(a, b) < 1e-5
     for (name, a), b in zip(cached.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for (_, layer), before in zip(masked_linears(cached), initial):
@@ -422,18 +442,19 @@ def test_kernel_path_in_a_layer_with_the_cache_matches_the_pytorch_path(tp1):
     """A row-parallel masked linear of the model (fc2) on the kernels, with the step cache:
     two micro-batches and the regulariser give the PyTorch path's outputs and gradients."""
     layers = [model.decoder.layers[0].mlp.linear_fc2 for model in _twins(cfg=get_config("tiny", num_layers=1))]
-    layers[0].fused_kernel = True
+    layers[0].mask_impl, layers[1].mask_impl = "kernel", "torch"
     gen = torch.Generator().manual_seed(6)
     dev = layers[0].weight.device
     inputs = [torch.randn(8, 2, CFG.ffn_hidden_size, generator=gen).to(dev) for _ in range(2)]
     upstream = [torch.randn(8, 2, CFG.hidden_size, generator=gen).to(dev) for _ in range(2)]
     outs = {}
     for layer in layers:
-        outs[layer.fused_kernel] = [layer(x)[0] for x in inputs]  # both forwards share one sample
-        for out, up in zip(outs[layer.fused_kernel], upstream):
+        outs[layer.mask_impl] = [layer(x)[0] for x in inputs]  # both forwards share one sample
+        for out, up in zip(outs[layer.mask_impl], upstream):
             out.backward(up)
         (-0.01 * layer.masked_sq_norm()).backward()
-    assert layers[0]._mask_cache is not None
-    for a, b in zip(outs[True], outs[False]):
+        assert layer._mask_cache is not None and layer._mask_cache.pending()
+        layer.finish_mask_backward()
+    for a, b in zip(outs["kernel"], outs["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert _rel(layers[0].mask_logits.grad, layers[1].mask_logits.grad) < 1e-5

@@ -10,9 +10,9 @@ from megatron_ext import platform
 from megatron_ext.models import ConfigError, build_model, get_config
 from megatron_ext.models.build import forward_logits, lm_loss
 from megatron_ext.sparsity import (MaskedColumnParallelLinear, MaskedRowParallelLinear, MaskMetrics, SparsityState,
-                                   apply_prior, build_sparse_model, check_nm, extract_hard_masks, gumbel,
-                                   load_prior_masks, masked_linears, model_hard_masks, sparse_weight_norm,
-                                   weight_reg_coefficient)
+                                   apply_prior, build_sparse_model, check_nm, extract_hard_masks,
+                                   finish_mask_backward, gumbel, load_prior_masks, masked_linears, model_hard_masks,
+                                   sparse_weight_norm, weight_reg_coefficient)
 from megatron_ext.sparsity.nm import candidates, topn_mask
 
 CFG = get_config("tiny")
@@ -114,6 +114,7 @@ def test_training_forward_and_gradients_match_the_reference_mask(tp1, hard):
     tokens, labels = _tokens(seed=1)
     loss = lm_loss(model, tokens, labels)
     loss.backward()
+    finish_mask_backward(model)
 
     logits = {l.layer_name: l.mask_logits.detach().clone().requires_grad_() for _, l in masked_linears(model)}
     masks = _reference_masks(model, logits)
@@ -134,18 +135,20 @@ def test_training_forward_and_gradients_match_the_reference_mask(tp1, hard):
         assert all(check_nm(m, 2, 4, exact=True) and set(m.unique().tolist()) == {0.0, 1.0} for m in masks.values())
 
 
-def test_lean_layers_equal_the_reference_path(tp1):
-    """The memory-lean autograd functions against the layer's plain reference path."""
+def test_production_path_equals_the_reference_path(tp1):
+    """The device's path (one draw and one mask backward per step) against the layer's plain
+    reference path (autograd through every op)."""
     model = build_sparse_model(CFG, 2, 4)
     model.sparsity_state.update(2, 10)
     tokens, labels = _tokens(seed=4)
     results = []
-    for lean in (True, False):
+    for impl in (None, "reference"):
         for _, layer in masked_linears(model):
-            layer.lean = lean
+            layer.mask_impl = impl
         model.zero_grad(set_to_none=True)
         loss = lm_loss(model, tokens, labels)
         loss.backward()
+        finish_mask_backward(model)
         results.append((loss.detach(), [l.mask_logits.grad.clone() for _, l in masked_linears(model)]))
     (la, ga), (lb, gb) = results
     assert torch.equal(la, lb)
@@ -209,6 +212,7 @@ def test_regulariser_reaches_only_the_logits_and_matches_the_reference(tp1):
     expected = sum((l.weight.detach() * masks[l.layer_name]).square().sum() for _, l in masked_linears(model))
     torch.testing.assert_close(reg, expected, rtol=1e-5, atol=0)
     (-0.1 * reg).backward()
+    finish_mask_backward(model)
     for _, layer in masked_linears(model):
         assert layer.weight.grad is None
         assert layer.mask_logits.grad is not None and layer.mask_logits.grad.abs().sum() > 0
@@ -256,7 +260,7 @@ def test_extract_needs_n_when_two_patterns_fit(tp1):
 
 
 def test_prior_masks_from_a_saved_checkpoint(tp1, tmp_path):
-    checkpoint = pytest.importorskip("megatron_ext.models.checkpoint")
+    checkpoint = pytest.importorskip("megatron_ext.checkpoint")
     model = build_sparse_model(CFG, 2, 4)
     sd = checkpoint.model_state_dict(model)
     checkpoint.save_checkpoint(tmp_path / "ckpt", [sd], CFG, iteration=5)

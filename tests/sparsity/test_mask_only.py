@@ -6,7 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_ext.models import get_config
 from megatron_ext.models.build import lm_loss
-from megatron_ext.sparsity import build_sparse_model, freeze_for_mask_only, mask_param_groups, masked_linears
+from megatron_ext.sparsity import (build_sparse_model, finish_mask_backward, freeze_for_mask_only, mask_param_groups,
+                                   masked_linears)
 
 CFG = get_config("tiny")
 SEQ, BATCH = 48, 4
@@ -87,6 +88,7 @@ def _backward_gemms(model, tokens, labels):
     loss = lm_loss(model, tokens, labels)
     with _GemmShapes() as mode:
         loss.backward()
+    finish_mask_backward(model)  # the step's mask backward (no weight-shaped product)
     return mode.shapes
 
 
