@@ -94,13 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.split_sentences:
-        print("error: --split-sentences is not supported; give each key a JSON list of sentences "
-              "(each is tokenized separately, as Megatron-LM does after splitting)", file=sys.stderr)
-        return 2
-    config = PreprocessConfig(
+def preprocess_config(args) -> PreprocessConfig:
+    """The library configuration for parsed flags (tools/prepare_dataset.py shares them)."""
+    return PreprocessConfig(
         inputs=args.input,
         output_prefix=args.output_prefix,
         tokenizer_type=args.tokenizer_type,
@@ -116,6 +112,15 @@ def main(argv=None) -> int:
         backend=args.worker_backend,
         allow_empty=args.allow_empty,
     )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.split_sentences:
+        print("error: --split-sentences is not supported; give each key a JSON list of sentences "
+              "(each is tokenized separately, as Megatron-LM does after splitting)", file=sys.stderr)
+        return 2
+    config = preprocess_config(args)
     # A terminated run unwinds like an interrupted one, so the temporaries are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:

@@ -27,9 +27,9 @@ flight, so memory does not grow with the corpus. The workers are threads
 without the GIL) or forked processes (``backend="process"``: about as fast on two cores,
 twice the memory; only the tokens travel back, as numpy arrays).
 
-Input files: ``*.txt`` (also ``*.txt.gz``) are plain text, one document per file (the
-whole file, under the first JSON key); anything else is JSON lines, gzip-compressed when
-the name ends in ``.gz``. Blank lines are ignored. A UTF-8 byte order mark at the start
+Input files: ``*.txt`` (also ``*.txt.gz``, ``*.txt.zst``) are plain text, one document per
+file (the whole file, under the first JSON key); anything else is JSON lines, compressed
+when the name ends in ``.gz`` or ``.zst``. Blank lines are ignored. A UTF-8 byte order mark at the start
 of a file is ignored.
 
 Errors name ``file:line``. A malformed line (bad JSON, not an object, a missing key, a
@@ -148,8 +148,8 @@ def output_prefix_for_key(output_prefix: str, key: str) -> str:
 
 
 def _input_kind(path: str) -> InputFile:
-    compressed = path.endswith(".gz")
-    stem = path[:-3] if compressed else path
+    compressed = path.endswith((".gz", ".zst"))
+    stem = path.rsplit(".", 1)[0] if compressed else path
     return InputFile(path, "text" if stem.endswith(".txt") else "jsonl", compressed)
 
 
@@ -222,6 +222,10 @@ class Chunk:
 
 
 def _open_binary(f: InputFile):
+    if f.path.endswith(".zst"):
+        from megatron_ext.data.prepare.inputs import open_zstd  # zstandard module or the zstd program
+
+        return open_zstd(f.path)
     try:
         return gzip.open(f.path, "rb") if f.compressed else open(f.path, "rb")
     except OSError as e:

@@ -1,0 +1,127 @@
+"""The cleaning stage, run by the workers on each input block: parse, normalize, filter,
+and compute the digests that deduplication and the split need. Everything that needs the
+whole corpus (which digest came first) is left to the main thread.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from megatron_ext.data.preprocess import PreprocessError
+from megatron_ext.data.prepare.dedup import digest, digests_array
+from megatron_ext.data.prepare.filters import DocumentFilter
+from megatron_ext.data.prepare.inputs import RawBlock
+from megatron_ext.data.prepare.normalize import normalize_text
+
+_MAX_BAD_MESSAGES = 20
+PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+
+
+@dataclass
+class CleanBlock:
+    wheres: list = field(default_factory=list)  # file:line of each kept document
+    texts: list = field(default_factory=list)  # its cleaned text (str)
+    data: list = field(default_factory=list)  # and its UTF-8
+    digests: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
+    paragraphs: Optional[list] = None  # per document: its paragraphs (str)
+    paragraph_digests: Optional[list] = None  # per document: (index of paragraph, digest) of the long ones
+    counts: Counter = field(default_factory=Counter)
+    bad_messages: list = field(default_factory=list)
+    bytes_done: int = 0
+
+
+class Cleaner:
+    """Turns a :class:`RawBlock` into a :class:`CleanBlock` (thread-safe, no shared state)."""
+
+    def __init__(self, json_key: str, unicode_form: Optional[str], document_filter: DocumentFilter,
+                 paragraphs: bool, min_paragraph_chars: int, skip_bad_lines: bool) -> None:
+        self.json_key = json_key
+        self.unicode_form = unicode_form
+        self.filter = document_filter
+        self.paragraphs = paragraphs
+        self.min_paragraph_chars = min_paragraph_chars
+        self.skip_bad_lines = skip_bad_lines
+
+    def _bad(self, out: CleanBlock, where: str, message: str) -> None:
+        if not self.skip_bad_lines:
+            raise PreprocessError(f"{where}: {message} (use --skip-bad-lines to skip such lines)")
+        out.counts["bad_lines"] += 1
+        if len(out.bad_messages) < _MAX_BAD_MESSAGES:
+            out.bad_messages.append(f"{where}: {message}")
+
+    def _documents(self, block: RawBlock, out: CleanBlock):
+        """(where, text) of each document of the block; bad ones reported."""
+        if not block.jsonl:
+            for where, raw in block.docs:
+                try:
+                    yield where, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    self._bad(out, where, f"not valid UTF-8 at byte {e.start}")
+            return
+        lines = block.jsonl.split(b"\n")
+        if block.jsonl.endswith(b"\n"):
+            lines.pop()
+        for i, raw in enumerate(lines):
+            where = f"{block.source}:{block.first_line + i}"
+            if not raw.strip():
+                out.counts["blank_lines"] += 1
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                self._bad(out, where, f"not valid UTF-8 at byte {e.start}")
+                continue
+            except ValueError as e:
+                self._bad(out, where, f"malformed JSON: {e}")
+                continue
+            if not isinstance(obj, dict):
+                self._bad(out, where, f"expected a JSON object, got {type(obj).__name__}")
+            elif self.json_key not in obj:
+                self._bad(out, where, f"missing key {self.json_key!r}")
+            elif not isinstance(obj[self.json_key], str):
+                self._bad(out, where, f"key {self.json_key!r} is {type(obj[self.json_key]).__name__}, not a "
+                                      f"string (preparation options need one text per document)")
+            else:
+                yield where, obj[self.json_key]
+
+    def __call__(self, block: RawBlock) -> CleanBlock:
+        out = CleanBlock(bytes_done=block.bytes_done)
+        counts = out.counts
+        digests = []
+        for where, text in self._documents(block, out):
+            counts["documents_in"] += 1
+            counts["characters_in"] += len(text)
+            if self.unicode_form:
+                text = normalize_text(text, self.unicode_form)
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate from a JSON escape
+                counts["documents_in"] -= 1
+                counts["characters_in"] -= len(text)
+                self._bad(out, where, f"text cannot be encoded as UTF-8 ({e.reason})")
+                continue
+            reason = self.filter.reason(text, data)
+            if reason is not None:
+                counts["dropped_" + reason] += 1
+                continue
+            out.wheres.append(where)
+            out.texts.append(text)
+            out.data.append(data)
+            digests.append(digest(data, b"document"))
+        out.digests = digests_array(digests)
+        if self.paragraphs:
+            self._split_paragraphs(out)
+        return out
+
+    def _split_paragraphs(self, out: CleanBlock) -> None:
+        out.paragraphs, out.paragraph_digests = [], []
+        for text in out.texts:
+            parts = PARAGRAPH_BREAK.split(text)
+            out.paragraphs.append(parts)
+            out.paragraph_digests.append([(i, digest(p.encode("utf-8"), b"paragraph"))
+                                          for i, p in enumerate(parts) if len(p) >= self.min_paragraph_chars])

@@ -1,0 +1,118 @@
+"""Writing a split's documents: one dataset, or numbered shards of about ``--tokens-per-shard``
+tokens each (a shard ends at the first document boundary past the limit), each a valid
+Megatron dataset on its own.
+
+Names: ``<prefix>[_<split>][_<NNNNN>]_<key>_document``. Every shard is built by the native
+builder and finalized into a staging directory beside the outputs; only when the whole run
+has succeeded are the files moved to their final names (``.bin`` first, ``.idx`` last), so
+nothing half-written ever sits under a final name, and a failed ``--append`` leaves the old
+shards and stats as they were.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_ext.data.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
+from megatron_ext.data.preprocess import output_prefix_for_key
+
+
+@dataclass
+class Shard:
+    prefix: str  # final dataset prefix, as given on --data-path
+    documents: int
+    tokens: int
+
+
+def dataset_prefix(output_prefix: str, key: str, split: Optional[str], shard: Optional[int]) -> str:
+    stem = output_prefix + (f"_{split}" if split else "") + ("" if shard is None else f"_{shard:05d}")
+    return output_prefix_for_key(stem, key)
+
+
+def blend_string(shards: list) -> str:
+    """``"w0 prefix0 w1 prefix1 ..."`` weighted by tokens, for ``--data-path``."""
+    return " ".join(f"{s.tokens} {s.prefix}" for s in shards if s.tokens > 0)
+
+
+class Staging:
+    """A hidden directory beside the outputs where finished datasets wait for the end of the run."""
+
+    def __init__(self, output_prefix: str) -> None:
+        directory = os.path.dirname(os.path.abspath(output_prefix))
+        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}-staging-", dir=directory)
+
+    def file_for(self, final_path: str) -> str:
+        return os.path.join(self.path, os.path.basename(final_path))
+
+    def publish(self, prefixes: list) -> None:
+        """Move each dataset's files (with any sidecar the builder wrote) to the final names, .idx last."""
+        for prefix in prefixes:
+            base = os.path.basename(prefix)
+            names = [n for n in os.listdir(self.path) if n.startswith(base + ".")]
+            names.sort(key=lambda n: (n.endswith(".idx"), not n.endswith(".bin"), n))
+            for name in names:
+                os.replace(os.path.join(self.path, name), os.path.join(os.path.dirname(os.path.abspath(prefix)), name))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class SplitWriter:
+    """Receives a split's tokenized documents in order and cuts them into shards."""
+
+    def __init__(self, output_prefix: str, key: str, split: Optional[str], dtype, staging: Staging,
+                 tokens_per_shard: Optional[int], first_shard: int = 0) -> None:
+        self.output_prefix, self.key, self.split, self.dtype = output_prefix, key, split, dtype
+        self.staging = staging
+        self.tokens_per_shard = tokens_per_shard
+        self.next_shard = first_shard
+        self.shards: list = []
+        self.builder = None
+        self.prefix = None
+
+    def _open(self) -> None:
+        shard = self.next_shard if self.tokens_per_shard else None
+        self.prefix = dataset_prefix(self.output_prefix, self.key, self.split, shard)
+        self.builder = IndexedDatasetBuilder(self.staging.file_for(data_file_path(self.prefix)), self.dtype)
+        self.next_shard += 1
+
+    def _close(self) -> None:
+        b = self.builder
+        b.finalize(self.staging.file_for(index_file_path(self.prefix)))
+        self.shards.append(Shard(self.prefix, b.document_count, b.token_count))
+        self.builder = None
+
+    def add(self, encoded, key: str) -> None:
+        """Write an :class:`~megatron_ext.data.preprocess.EncodedChunk`'s documents."""
+        e = encoded.keys[key]
+        tokens, lens, to, so = e.tokens, e.seq_lens, e.tok_offsets, e.seq_offsets
+        for d in range(encoded.documents):
+            if self.builder is None:
+                self._open()
+            self.builder.add_document(tokens[to[d]:to[d + 1]], lens[so[d]:so[d + 1]])
+            if self.tokens_per_shard and self.builder.token_count >= self.tokens_per_shard:
+                self._close()
+
+    def close(self) -> list:
+        """Finish the last dataset; an unsharded split is written even when empty."""
+        if self.builder is None and not self.tokens_per_shard and not self.shards:
+            self._open()
+        if self.builder is not None:
+            self._close()
+        return self.shards
+
+    @property
+    def documents(self) -> int:
+        return sum(s.documents for s in self.shards) + (self.builder.document_count if self.builder else 0)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards) + (self.builder.token_count if self.builder else 0)
+
+    def discard(self) -> None:
+        if self.builder is not None:
+            self.builder.discard()
+            self.builder = None

@@ -1,0 +1,283 @@
+"""tools/prepare_dataset.py and megatron_ext.data.prepare on the shipped Shakespeare sample
+(eight plays as JSON lines) with its small tokenizer; The Tempest (held-out text) supplies
+the new text around injected duplicates."""
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_ext.data.blend import build_gpt_datasets
+from megatron_ext.data.gpt_dataset import GPTDatasetConfig
+from megatron_ext.data.indexed_dataset import IndexedDataset
+from megatron_ext.data.prepare import PrepareConfig, PrepareError, prepare
+from megatron_ext.data.prepare.dedup import BloomTable, DiskTable, MemoryTable, digest, digests_array
+from megatron_ext.data.prepare.normalize import normalize_text
+from megatron_ext.data.prepare.stats import Progress
+from megatron_ext.data.preprocess import PreprocessConfig, PreprocessError, preprocess
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "prepare_dataset.py"
+
+
+@pytest.fixture(scope="module")
+def plays(sample_dir):
+    return [json.loads(line) for line in (sample_dir / "shakespeare_train.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tempest(sample_dir):
+    """Paragraphs of The Tempest of at least 200 characters (text no training document has)."""
+    paras = [p.strip() for p in (sample_dir / "shakespeare_heldout.txt").read_text().split("\n\n")]
+    return [p for p in paras if len(p) >= 200]
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def config(sample_dir, inputs, prefix, **prep):
+    pre = PreprocessConfig(inputs=inputs, output_prefix=str(prefix), tokenizer_type="Llama2Tokenizer",
+                           tokenizer_model=str(sample_dir / "tokenizer.model"), append_eod=True, workers=2)
+    return PrepareConfig(pre, **prep)
+
+
+def documents(prefix):
+    ds = IndexedDataset(prefix)
+    return [tuple(ds.document(k).tolist()) for k in range(ds.document_count)]
+
+
+def long_paragraph(text, at_least=200):
+    return next(p for p in text.split("\n\n") if len(p) >= at_least)
+
+
+def test_no_preparation_option_is_byte_identical_to_preprocess_data(sample_dir, tmp_path):
+    c = config(sample_dir, [str(sample_dir / "shakespeare_train.jsonl")], tmp_path / "prep")
+    res = prepare(c, log=None)
+    assert res.preprocess is not None and res.stats is None
+    preprocess(replace(c.preprocess, output_prefix=str(tmp_path / "today")), log=None)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"prep_text_document{ext}").read_bytes() == (tmp_path / f"today_text_document{ext}").read_bytes()
+
+
+def test_dedup_with_nothing_to_drop_gives_todays_tokens(sample_dir, tmp_path):
+    """Preparation reuses preprocess's tokenizing and writing: same documents, same tokens."""
+    src = [str(sample_dir / "shakespeare_train.jsonl")]
+    prepare(config(sample_dir, src, tmp_path / "prep", dedup="exact"), log=None)
+    preprocess(config(sample_dir, src, tmp_path / "today").preprocess, log=None)
+    assert documents(tmp_path / "prep_text_document") == documents(tmp_path / "today_text_document")
+
+
+@pytest.mark.parametrize("table", ["memory", "bloom", "disk"])
+def test_dedup_catches_injected_duplicate_document_and_repeated_paragraph(sample_dir, plays, tempest, tmp_path, table):
+    repeated = long_paragraph(plays[10]["text"])
+    injected = {"text": f"{tempest[0]}\n\n{repeated}\n\n{tempest[1]}"}
+    first = write_jsonl(tmp_path / "a.jsonl", plays)
+    second = write_jsonl(tmp_path / "b.jsonl", [plays[5], injected])
+    res = prepare(config(sample_dir, [first, second], tmp_path / "out", dedup="paragraph", dedup_table=table),
+                  log=None)
+    base = prepare(config(sample_dir, [first], tmp_path / "base", dedup="paragraph", dedup_table=table), log=None)
+    s = res.stats
+    assert s["dropped"]["exact_duplicate"] == base.stats["dropped"]["exact_duplicate"] + 1
+    assert s["paragraphs_removed"] == base.stats["paragraphs_removed"] + 1  # the sample repeats a few itself
+    assert s["kept"] == base.stats["kept"] + 1
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("Llama2Tokenizer", sample_dir / "tokenizer.model")
+    last = IndexedDataset(tmp_path / "out_text_document").document(len(plays))
+    text = tok.detokenize(last.tolist())
+    assert tempest[0][:60] in text and tempest[1][:60] in text and repeated[:60] not in text
+
+
+def test_dedup_tables_agree_on_first_occurrences():
+    keys = digests_array([digest(str(i % 700).encode(), b"document") for i in range(1000)])
+    expected = np.arange(1000) < 700
+    for table in (MemoryTable(capacity=16), BloomTable(10_000, 1e-9), DiskTable(":memory:")):
+        got = np.concatenate([table.add(keys[:400]), table.add(keys[400:])])
+        assert (got == expected).all(), table.kind
+
+
+def split_sides(prefix):
+    return set(documents(f"{prefix}_train_text_document")), set(documents(f"{prefix}_val_text_document"))
+
+
+def test_split_is_stable_on_rerun_and_when_files_are_added(sample_dir, plays, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", plays[:200])
+    b = write_jsonl(tmp_path / "b.jsonl", plays[200:])
+    opts = dict(normalize=True, dedup="exact", val_fraction=0.2)
+    prepare(config(sample_dir, [a], tmp_path / "one", **opts), log=None)
+    prepare(config(sample_dir, [a], tmp_path / "again", **opts), log=None)
+    prepare(config(sample_dir, [a, b], tmp_path / "both", **opts), log=None)
+    for side in ("train", "val"):
+        for ext in (".bin", ".idx"):
+            assert (tmp_path / f"one_{side}_text_document{ext}").read_bytes() == \
+                   (tmp_path / f"again_{side}_text_document{ext}").read_bytes()
+    train1, val1 = split_sides(tmp_path / "one")
+    train2, val2 = split_sides(tmp_path / "both")
+    assert val1 and train1 and not train1 & val1
+    assert val1 <= val2 and train1 <= train2 and not train2 & val1
+    assert 0.1 < len(val2) / (len(val2) + len(train2)) < 0.3
+
+
+def test_val_docs_gives_that_many_documents(sample_dir, tmp_path):
+    res = prepare(config(sample_dir, [str(sample_dir / "shakespeare_train.jsonl")], tmp_path / "out", val_docs=25),
+                  log=None)
+    assert res.stats["splits"]["val"]["documents"] == 25
+
+
+def test_no_validation_text_leaks_into_training(sample_dir, plays, tempest, tmp_path):
+    """A paragraph of a validation document, repeated in a later training document, is removed there."""
+    src = write_jsonl(tmp_path / "a.jsonl", plays)
+    opts = dict(dedup="paragraph", val_fraction=0.2)
+    res = prepare(config(sample_dir, [src], tmp_path / "first", **opts), log=None)
+    assert res.stats["splits"]["val"]["documents"] > 0
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("Llama2Tokenizer", sample_dir / "tokenizer.model")
+    val_texts = [tok.detokenize(list(d)) for d in documents(tmp_path / "first_val_text_document")]
+    repeated = long_paragraph(val_texts[0])
+    later = write_jsonl(tmp_path / "b.jsonl", [{"text": f"{t}\n\n{repeated}"} for t in tempest[:20]])
+    prepare(config(sample_dir, [src, later], tmp_path / "second", **opts), log=None)
+    train_texts = [tok.detokenize(list(d)) for d in documents(tmp_path / "second_train_text_document")]
+    assert any(tempest[0][:60] in t or tempest[1][:60] in t for t in train_texts)
+    assert not any(repeated[:80] in t for t in train_texts)
+
+
+def test_shards_concatenated_equal_one_unsharded_output(sample_dir, tmp_path):
+    src = [str(sample_dir / "shakespeare_train.jsonl")]
+    prepare(config(sample_dir, src, tmp_path / "whole", normalize=True, dedup="exact"), log=None)
+    res = prepare(config(sample_dir, src, tmp_path / "cut", normalize=True, dedup="exact", tokens_per_shard=40_000),
+                  log=None)
+    shards = res.stats["splits"]["all"]["shards"]
+    assert len(shards) >= 5 and all(s["tokens"] >= 40_000 for s in shards[:-1])
+    joined = [d for s in shards for d in documents(s["prefix"])]
+    assert joined == documents(tmp_path / "whole_text_document")
+
+
+def test_printed_blend_string_loads_in_the_dataset_builder(sample_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_dataset", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rc = tool.main(["--input", str(sample_dir / "shakespeare_train.jsonl"), "--tokenizer-type", "Llama2Tokenizer",
+               "--tokenizer-model", str(sample_dir / "tokenizer.model"), "--append-eod", "--workers", "2",
+               "--output-prefix", str(tmp_path / "c"), "--dedup", "exact", "--val-fraction", "0.1",
+               "--tokens-per-shard", "60000"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    blend = next(line for line in err.splitlines() if line.startswith("train blend")).split(": ", 1)[1]
+    assert len(blend.split()) >= 8
+    train, _, _ = build_gpt_datasets(GPTDatasetConfig(sequence_length=128, eod_token_id=2), blend, "100,0,0",
+                                     [64, 0, 0])
+    sample = train[5]
+    assert len(train) >= 64 and sample["tokens"].shape == (128,)  # megatron rounds each shard up
+
+
+def test_append_adds_shards_after_the_last_and_keeps_old_ones(sample_dir, plays, tempest, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", plays[:250])
+    b = write_jsonl(tmp_path / "b.jsonl", plays[250:] + [plays[3]])
+    opts = dict(normalize=True, dedup="exact", tokens_per_shard=50_000)
+    first = prepare(config(sample_dir, [a], tmp_path / "c", **opts), log=None).stats
+    old = {p: p.read_bytes() for p in tmp_path.glob("c_0*")}
+    second = prepare(config(sample_dir, [b], tmp_path / "c", append=True, **opts), log=None).stats
+    assert all(p.read_bytes() == data for p, data in old.items())
+    n_old = len(first["splits"]["all"]["shards"])
+    new = second["splits"]["all"]["shards"][n_old:]
+    assert new[0]["prefix"].endswith(f"c_{n_old:05d}_text_document")
+    assert second["dropped"]["exact_duplicate"] == 1  # plays[3] was kept by the first run
+    assert second["kept"] == len(plays) and len(second["runs"]) == 2
+    with pytest.raises(PrepareError, match="--normalize"):
+        prepare(config(sample_dir, [b], tmp_path / "c", append=True, dedup="exact", tokens_per_shard=50_000), log=None)
+
+
+def test_stats_add_up(sample_dir, plays, tempest, tmp_path):
+    records = plays + [plays[0], {"text": "  \n "}, {"text": "Exeunt."}, {"text": "|-- 1 | 2 | 3 --|" * 20}]
+    src = write_jsonl(tmp_path / "a.jsonl", records)
+    res = prepare(config(sample_dir, [src], tmp_path / "s", normalize=True, min_words=3,
+                         max_non_alnum_fraction=0.4, dedup="paragraph", val_fraction=0.1, tokens_per_shard=100_000),
+                  log=None)
+    s = json.loads((tmp_path / "s_stats.json").read_text())
+    assert s == res.stats
+    assert s["documents_in"] == len(records) == s["kept"] + sum(s["dropped"].values())
+    assert s["dropped"]["empty"] == 1 and s["dropped"]["min_words"] == 1
+    assert s["dropped"]["max_non_alnum_fraction"] == 1 and s["dropped"]["exact_duplicate"] == 1
+    for split in s["splits"].values():
+        assert split["tokens"] == sum(sh["tokens"] for sh in split["shards"])
+        assert split["documents"] == sum(IndexedDataset(sh["prefix"]).document_count for sh in split["shards"])
+    assert s["kept"] == sum(split["documents"] for split in s["splits"].values())
+    assert "train:" in res.summary and "dropped:" in res.summary
+
+
+def test_directories_globs_gz_zst_and_text_paragraphs(sample_dir, plays, tmp_path):
+    if shutil.which("zstd") is None:
+        pytest.skip("no zstd program")
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    with gzip.open(d / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(p) + "\n" for p in plays[:10])
+    write_jsonl(d / "sub" / "b.jsonl", plays[10:20])
+    subprocess.run(["zstd", "-q", "--rm", str(d / "sub" / "b.jsonl")], check=True)
+    shutil.copy(sample_dir / "shakespeare_heldout.txt", d / "tempest.txt")
+    paragraphs = [p for p in (sample_dir / "shakespeare_heldout.txt").read_text().split("\n\n") if p.strip()]
+    res = prepare(config(sample_dir, [str(d)], tmp_path / "o", text_docs_per="paragraph"), log=None)
+    assert res.stats["documents_in"] == 20 + len(paragraphs)
+    res = prepare(config(sample_dir, [str(d / "**" / "*.zst")], tmp_path / "z", dedup="exact"), log=None)
+    assert res.stats["documents_in"] == 10
+
+
+def test_bad_line_names_file_and_line_and_leaves_nothing(sample_dir, plays, tmp_path):
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, plays[:5])
+    with open(src, "a") as f:
+        f.write('{"text": "unterminated\n')
+    with pytest.raises(PreprocessError, match=rf"{src}:6: malformed JSON"):
+        prepare(config(sample_dir, [str(src)], tmp_path / "o", dedup="exact", tokens_per_shard=1000), log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def test_cli_contradicting_options_exit_2_with_one_line(sample_dir, tmp_path):
+    res = subprocess.run([sys.executable, str(TOOL), "--input", str(sample_dir / "shakespeare_train.jsonl"),
+                          "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(sample_dir / "tokenizer.model"),
+                          "--output-prefix", str(tmp_path / "o"), "--val-fraction", "0.1", "--val-docs", "5"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "--val-fraction and --val-docs" in res.stderr
+    assert "Traceback" not in res.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_normalize_rules():
+    assert normalize_text("a\r\nb\rc") == "a\nb\nc"
+    assert normalize_text("  x \t\n\n\n\n    y  ") == "x\n\n    y"  # indentation kept
+    assert normalize_text("a\x00b\x0bc\x0cd\x7f") == "ab c d"
+    assert normalize_text("\ufeffe\u0301\u00a0\u2028z") == "\u00e9\nz"
+    assert normalize_text("\ufb01 x") == "\ufb01 x" and normalize_text("\ufb01 x", "NFKC") == "fi x"
+
+
+def test_progress_line_only_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log, tty = io.StringIO(), Terminal()
+    for stream in (log, tty):
+        p = Progress(1000, stream=stream, interval=0)
+        p.update(10, 500, 250)
+        p.done()
+    assert log.getvalue() == ""
+    assert "10 documents, 500 tokens" in tty.getvalue() and "ETA" in tty.getvalue()
+
+
+def test_data_layer_imports_no_torch():
+    code = ("import sys, megatron_ext.data.prepare; "
+            "bad = [m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
