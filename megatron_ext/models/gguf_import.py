@@ -148,7 +148,7 @@ def _diagnose(path: Path) -> str | None:
 
     try:
         if take(4, "magic") != b"GGUF":
-            return "bad magic (not a GGUF file)"
+            return None  # not a GGUF file at all: the reader's own message says so
         version = u32("version")
         if version not in (2, 3):
             return f"unsupported GGUF version {version}"

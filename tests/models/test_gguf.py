@@ -6,6 +6,7 @@ bit-exact HF -> megatron -> HF round trip, and its tokenizer against transformer
 GGUF tokenizer conversion and the data layer's HuggingFaceTokenizer.
 """
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -160,3 +161,20 @@ def test_unsupported_tokenizer_and_bad_files(tmp_path):
         read_gguf(bad)
     with pytest.raises(GGUFImportError, match="missing.gguf: GGUF file not found"):
         read_gguf(tmp_path / "missing.gguf")
+
+
+def test_corrupt_body_names_the_field_or_tensor(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, "llama")
+    data = path.read_bytes()
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(key) + len(key) + 4 + 4  # after the value type and the item type: the item count
+    bad = tmp_path / "badfield.gguf"
+    bad.write_bytes(data[:at] + struct.pack("<Q", 10**12) + data[at + 8:])
+    with pytest.raises(GGUFImportError, match=r"badfield\.gguf: metadata field 'tokenizer\.ggml\.tokens': array "
+                                              r"of 1000000000000 items"):
+        read_gguf(bad)
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[:-16])
+    with pytest.raises(GGUFImportError, match=r"short\.gguf: tensor 'token_embd\.weight' .* runs past the end"):
+        read_gguf(short)
