@@ -26,12 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_ext.checkpoint import CheckpointError
-    from megatron_ext.sparsity.export import ExportError, check_sparsity
+    from megatron_ext.errors import MegatronExtError
+    from megatron_ext.sparsity.export import check_sparsity
 
     try:
         report = check_sparsity(args.path, args.N, args.M)
-    except (ExportError, CheckpointError, ValueError, OSError) as e:
+    except (MegatronExtError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.quiet:

@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_ext.checkpoint import CheckpointError, convert_checkpoint
-    from megatron_ext.models.config import ConfigError
+    from megatron_ext.errors import MegatronExtError
+    from megatron_ext.checkpoint import convert_checkpoint
 
     if args.target_tp is not None and args.target_tp < 1:
         print(f"error: --target-tp must be >= 1, got {args.target_tp}", file=sys.stderr)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         out = convert_checkpoint(args.source_format, args.target_format, args.load, args.save,
                                  target_tp=args.target_tp, dtype=args.dtype, overwrite=args.overwrite,
                                  tokenizer_type=args.tokenizer_type)
-    except (CheckpointError, ConfigError, OSError) as e:
+    except (MegatronExtError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"saved {args.target_format} checkpoint to {out}")

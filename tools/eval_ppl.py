@@ -47,6 +47,7 @@ def _bake_hard_masks(state_dict):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_ext import platform
+    from megatron_ext.errors import MegatronExtError
     from megatron_ext.evaluation import evaluate
 
     try:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                               data_path=args.data_path, micro_batch_size=args.micro_batch_size,
                               sparse=args.sparse, params_dtype=args.dtype, tokenizer_type=args.tokenizer_type,
                               max_windows=args.max_windows, apply_masks=_bake_hard_masks if args.sparse else None)
-        except (ValueError, OSError) as e:  # our errors (checkpoint, config, masks, input) are ValueErrors
+        except (MegatronExtError, OSError) as e:  # every error a user can cause
             print(f"error: {e}", file=sys.stderr)
             return 1
         if info.rank == 0:

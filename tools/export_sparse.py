@@ -34,13 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_ext.checkpoint import CheckpointError
-    from megatron_ext.sparsity.export import ExportError, export_sparse
+    from megatron_ext.errors import MegatronExtError
+    from megatron_ext.sparsity.export import export_sparse
 
     try:
         result = export_sparse(args.load, args.save, args.format, N=args.N, M=args.M, dtype=args.dtype,
                                overwrite=args.overwrite)
-    except (ExportError, CheckpointError, ValueError, OSError) as e:
+    except (MegatronExtError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported {result.layers} masked linears ({result.N}:{result.M}) as {result.format} to {result.path}")

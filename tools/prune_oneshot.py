@@ -50,11 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from megatron_ext.errors import MegatronExtError
     from megatron_ext import platform
-    from megatron_ext.checkpoint import CheckpointError
-    from megatron_ext.models.config import ConfigError
-    from megatron_ext.models.perplexity import PerplexityError
-    from megatron_ext.sparsity.oneshot import OneShotError, PruneOptions, prune_checkpoint
+    from megatron_ext.sparsity.oneshot import PruneOptions, prune_checkpoint
 
     try:
         info = platform.init_distributed(args.tensor_model_parallel_size)
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                       num_samples=args.hessian_samples, seq_length=args.seq_length,
                                       seed=args.seed, params_dtype=args.dtype, save_dtype=args.save_dtype,
                                       tokenizer_type=args.tokenizer_type, overwrite=args.overwrite, log=say)
-        except (OneShotError, CheckpointError, ConfigError, PerplexityError, ValueError, OSError) as e:
+        except (MegatronExtError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         kept = sum(int(m.sum()) for m in result.masks.values())
