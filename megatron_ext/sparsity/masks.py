@@ -77,15 +77,6 @@ def model_hard_masks(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {layer.layer_name or name: layer.hard_mask() for name, layer in masked_linears(model)}
 
 
-def _tp_position() -> tuple[int, int]:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        return (parallel_state.get_tensor_model_parallel_world_size(),
-                parallel_state.get_tensor_model_parallel_rank())
-    return 1, 0
-
-
 def load_prior_masks(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], N: Optional[int] = None,
                      M: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Hard masks for this tensor-parallel rank, from a state dict of this rank, a
@@ -98,7 +89,9 @@ def load_prior_masks(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]
         if path.is_dir():
             from megatron_ext.checkpoint import load_rank_state_dict
 
-            tp, rank = _tp_position()
+            from megatron_ext import platform
+
+            tp, rank = platform.tp_size(), platform.tp_rank()
             _, sd = load_rank_state_dict(path, tp, rank)
         elif path.is_file():
             try:

@@ -45,18 +45,18 @@ Tensor and data parallelism:
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_ext.errors import InputError
+from megatron_ext import platform
 from megatron_ext.sparsity import nm
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -240,16 +240,11 @@ def calibration_windows(source: str | os.PathLike, num_samples: int, seq_length:
 
 
 def _tp():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), \
-        ps.get_tensor_model_parallel_group()
+    return platform.tp_size(), platform.tp_rank(), platform.tp_group()
 
 
 def _dp():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(), ps.get_data_parallel_group()
+    return platform.dp_size(), platform.dp_rank(), platform.dp_group()
 
 
 def _all_gather(t: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
@@ -533,7 +528,6 @@ def prune_checkpoint(load: str | os.PathLike, save: Optional[str | os.PathLike],
     Needs megatron's parallel state (``platform.init_distributed(tp)``); collective over
     all ranks. Sparsity entries already in the source are ignored.
     """
-    from megatron.core import parallel_state as ps
 
     from megatron_ext.models.build import build_model
     from megatron_ext.checkpoint import (iteration_dir_name, load_into_model, model_state_dict,
