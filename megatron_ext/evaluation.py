@@ -50,6 +50,9 @@ def evaluate(load: str | os.PathLike, *, seq_length: int, text_file: str | os.Pa
     if not (path / CONFIG_NAME).is_file():
         read_checkpoint_info(path)  # validates the layout, names what is wrong
     loaded = load_for_rank(path, platform.tp_size(), platform.tp_rank(), tokenizer_type)
+    if seq_length > loaded.config.max_position_embeddings:
+        raise PerplexityError(f"--seq-length {seq_length} exceeds the model's max position embeddings "
+                              f"{loaded.config.max_position_embeddings} ({path})")
     if sparse:
         if not has_masks(loaded.state_dict):
             raise PerplexityError(f"{path}: checkpoint has no masks "

@@ -237,6 +237,12 @@ def check_args(args: argparse.Namespace) -> None:
              "--use-checkpoint-opt_param-scheduler and --override-opt_param-scheduler are mutually exclusive")
 
     # data
+    from megatron_ext.data.blend import parse_split
+
+    try:
+        parse_split(args.split)
+    except ValueError as e:
+        raise ArgsError(str(e)) from None
     args.data_path = " ".join(args.data_path)
     if args.eval_data_path is not None:
         args.eval_data_path = " ".join(args.eval_data_path)

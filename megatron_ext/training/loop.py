@@ -51,7 +51,8 @@ from megatron_ext.training.optimizer import TrainOptimizer, param_groups
 from megatron_ext.training.plugins import TrainerPlugin, build_plugins
 from megatron_ext.training.reporting import RunLogger
 from megatron_ext.training.schedules import ParamScheduler, lr_schedule
-from megatron_ext.training.setup import find_load_checkpoint, resolve_model_config, resolve_tokenizer
+from megatron_ext.training.setup import (find_load_checkpoint, probe_output_dirs, resolve_model_config,
+                                         resolve_tokenizer)
 
 # builds the model of a run: (config, params dtype, init std) -> this rank's GPTModel
 ModelFactory = Callable[[LlamaConfig, torch.dtype, float], torch.nn.Module]
@@ -116,6 +117,7 @@ class Run:
         self.model_factory = model_factory
 
         c = self.config
+        probe_output_dirs(c)
         ckpt = find_load_checkpoint(c.checkpoint)
         self.tokenizer, self.tokenizer_type = resolve_tokenizer(c.data, ckpt)
         self.cfg = resolve_model_config(c.model, self.tokenizer, ckpt, seq_length=c.data.seq_length,

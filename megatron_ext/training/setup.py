@@ -5,6 +5,8 @@ naming the flag, before any model is built.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -12,7 +14,7 @@ from megatron_ext.checkpoint import CheckpointInfo, find_checkpoint
 from megatron_ext.data.tokenizers import build_tokenizer
 from megatron_ext.models.config import ConfigError, LlamaConfig, get_config
 from megatron_ext.training.arguments import ARCH_FIELDS, ArgsError
-from megatron_ext.training.config import CheckpointConfig, DataConfig
+from megatron_ext.training.config import CheckpointConfig, DataConfig, RunConfig
 from megatron_ext.training.plugins import TrainerPlugin
 
 
@@ -124,3 +126,23 @@ def resolve_model_config(args, tokenizer, ckpt: Optional[CheckpointInfo], *, seq
     for plugin in plugins:
         plugin.check_model(cfg, tp)
     return cfg
+
+
+def probe_output_dirs(config: RunConfig) -> None:
+    """Every place the run will write (checkpoints, logs, TensorBoard, the index cache) is a
+    writable directory, or can be made one: checked at start, not after an interval of compute."""
+    lg = config.logging
+    places = (("--save", config.checkpoint.save), ("--log-dir", os.path.join(lg.log_dir, lg.tag)),
+              ("--tensorboard-dir", lg.tensorboard_dir), ("--data-cache-path", config.data.data_cache_path))
+    for flag, place in places:
+        if place is None:
+            continue
+        path = Path(place)
+        if path.exists() and not path.is_dir():
+            raise ArgsError(f"{flag} {place}: exists and is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+                pass
+        except OSError as e:
+            raise ArgsError(f"{flag} {place}: not writable ({e.strerror or e})") from None

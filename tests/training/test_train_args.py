@@ -153,3 +153,19 @@ def test_missing_files_fail_before_training(make_argv, tmp_path):
         pretrain(make_argv(load=str(tmp_path / "empty"), exit_on_missing_checkpoint=True))
     with pytest.raises(ArgsError, match="--prior-mask .*nomask: no such checkpoint"):
         pretrain(make_argv(mask_only=True, prior_mask=str(tmp_path / "nomask"), prior_strength=3.0))
+
+
+@pytest.mark.parametrize("split", ["abc", "90,5,3,2", "1,-1,0"])
+def test_bad_split_fails_at_parse_time_naming_the_flag(make_argv, split):
+    with pytest.raises(ArgsError, match="--split"):
+        parse_args(make_argv(split=split))
+
+
+def test_unwritable_outputs_fail_before_the_model_is_built(make_argv, tmp_path):
+    from megatron_ext.train import pretrain
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    for flag in ("save", "tensorboard_dir", "data_cache_path"):
+        with pytest.raises(ArgsError, match=f"--{flag.replace('_', '-')} .*not a directory"):
+            pretrain(make_argv(**{flag: str(not_a_dir)}, log_dir=str(tmp_path / "logs")))
