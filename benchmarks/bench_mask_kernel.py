@@ -6,10 +6,12 @@ weights, fp32 logits) and sequence length (2048, 4096; micro-batch 1):
 * the layer's matmul forward + backward: ``x @ W^T``, dgrad ``dy @ W``, wgrad ``dy^T @ x``;
 * ``weight * mask`` forward + backward (the logits' gradient) through
   (a) ``reference``: the plain PyTorch ``gumbel_soft_mask`` and a multiply (autograd, eager noise),
-  (b) ``lean``: ``masked_weight`` on the PyTorch ops with the ``torch.compile``d noise,
-  (c) ``fused``: ``masked_weight`` on the Triton kernels; also each kernel alone, and the
-      backward adding into an fp32 buffer (``main_grad``), which is all a micro-batch pays
-      once the masked weight is built once per step;
+  (b) ``lean``: ``masked_weight`` on the PyTorch ops (the CPU's implementation, eager noise),
+  (c) ``fused``: ``masked_weight`` on the Triton kernels (the GPU's); also each kernel alone,
+      the backward adding into an fp32 buffer (``main_grad``), and what a micro-batch pays in
+      training, where the layers draw once and run the mask backward once per step: adding
+      its ``dL/d(W * mask)`` (bf16) into the step's fp32 sum, plus the step's forward and
+      backward shared by ``--micro-batches``;
 * each as a ratio to the matmul; memory per weight held from the forward to the backward and
   the peak of forward + backward (``torch.cuda.max_memory_allocated`` deltas); and the fused
   results against the reference on the device: noise bits, max |diff| of the masked weight,
@@ -106,16 +108,17 @@ class Layer:
         self.index = gumbel.GroupIndex(torch.arange(out_f, device=dev), torch.arange(groups, device=dev), groups)
         self.key = gumbel.noise_key(1234, 7, 3)
         self.buffer = torch.zeros(self.logits.shape, dtype=torch.float32, device=dev)
+        self.grad_sum = torch.zeros(self.weight.shape, dtype=torch.float32, device=dev)  # the step's fp32 sum
 
-    def draw(self, kernel=None, fused=None):
-        return (self.cands, TAU, KAPPA, self.key, self.index, False, fused, kernel)
+    def draw(self, kernel=None):
+        return (self.cands, TAU, KAPPA, self.key, self.index, False, kernel)
 
     def reference(self):
-        mask = gumbel.gumbel_soft_mask(self.logits, self.cands, TAU, KAPPA, self.key, self.index, fused=False)
+        mask = gumbel.gumbel_soft_mask(self.logits, self.cands, TAU, KAPPA, self.key, self.index)
         return self.weight * mask.reshape(self.weight.shape).to(self.weight.dtype)
 
     def lean(self):
-        return gumbel.masked_weight(self.weight, self.logits, *self.draw(kernel=False))  # compiled noise on the GPU
+        return gumbel.masked_weight(self.weight, self.logits, *self.draw(kernel=False))
 
     def fused(self):
         return gumbel.masked_weight(self.weight, self.logits, *self.draw(kernel=True))
@@ -164,6 +167,9 @@ def _times(layer: Layer, args, timer, have_kernels: bool) -> dict:
         times[prefix + "bwd"] = timer(lambda: fused_mask.backward(layer.upstream, *kargs, **tune))
         times[prefix + "bwd+="] = timer(lambda: fused_mask.backward(layer.upstream, *kargs, grad_logits=layer.buffer,
                                                                     **tune))
+        times[prefix + "sum bwd+="] = timer(lambda: fused_mask.backward(layer.grad_sum, *kargs,
+                                                                        grad_logits=layer.buffer, **tune))
+    times["acc"] = timer(lambda: layer.grad_sum.add_(layer.upstream))
     return times
 
 
@@ -172,7 +178,7 @@ def _checks(layer: Layer) -> str:
     i, num_cands = layer.index, layer.cands.shape[0]
     bits = torch.equal(fused_mask.noise(layer.key, i.rows, i.cols, i.groups_per_row, num_cands, bits=True),
                        gumbel.hash_bits(layer.key, i.flat(), num_cands))
-    eager = gumbel.gumbel_noise(layer.key, i, i.shape, num_cands, fused=False)
+    eager = gumbel.gumbel_noise(layer.key, i, i.shape, num_cands)
     noise = [(fused_mask.noise(layer.key, i.rows, i.cols, i.groups_per_row, num_cands, fast_log=fast) - eager)
              .abs().max().item() for fast in ((False, True) if platform.has_cuda() else (False,))]
     grads = {}
@@ -200,8 +206,9 @@ def bench(args) -> None:
     print(f"\n{name} ({versions}), {args.n}:{args.m}, bf16 weights, fp32 logits, tau {TAU}, kappa {KAPPA}; "
           f"times in ms (ratio to the layer's matmul forward+backward)\n")
     print("| layer | seq | matmul fwd+bwd | (a) reference | (b) lean | (c) fused fwd+bwd | fused fwd | fused bwd "
-          "| fused bwd into buffer | per micro-batch, step cache | fast_log: fwd / bwd into buffer / per micro-batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fused bwd into buffer | per micro-batch, step cache | per micro-batch, one mask backward per step "
+          "| fast_log: fwd / bwd into buffer / per micro-batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lname, (out_f, in_f) in shapes.items():
         layer = Layer(out_f, in_f, args.n, args.m, dev)
         times = _times(layer, args, timer, have_kernels)
@@ -219,11 +226,19 @@ def bench(args) -> None:
                 ms = times[prefix + "bwd+="] + times[prefix + "fwd"] / args.micro_batches
                 return f"{ms:.3f} ({ms / mm:.2f}x)"
 
+            def deferred():
+                if "sum bwd+=" not in times:
+                    return "n/a"
+                ms = times["acc"] + (times["fwd"] + times["sum bwd+="]) / args.micro_batches
+                return f"{ms:.3f} ({ms / mm:.2f}x)"
+
             print(f"| {lname} {out_f}x{in_f} | {seq} | {mm:.3f} | {cell('reference')} | {cell('lean')} "
-                  f"| {cell('fused')} | {cell('fwd')} | {cell('bwd')} | {cell('bwd+=')} | {per_mb('')} "
+                  f"| {cell('fused')} | {cell('fwd')} | {cell('bwd')} | {cell('bwd+=')} | {per_mb('')} | {deferred()} "
                   f"| {cell('fast fwd')} / {cell('fast bwd+=')} / {per_mb('fast ')} |", flush=True)
     print(f"\nper micro-batch, step cache: fused backward into the buffer + the forward shared by "
-          f"{args.micro_batches} micro-batches (--micro-batches)\n")
+          f"{args.micro_batches} micro-batches (--micro-batches); one mask backward per step: the bf16 "
+          f"gradient added into the step's fp32 sum + (forward + backward from the fp32 sum) / "
+          f"{args.micro_batches}\n")
 
     print("| layer | held fwd->bwd B/weight: ref / lean / fused | peak fwd+bwd B/weight: ref / lean / fused "
           "| noise bits equal | max abs diff noise: fused / fast_log | max abs diff masked weight "

@@ -4,15 +4,16 @@ Part 1, one layer: ``weight * mask`` forward + backward for a LLaMA-shaped weigh
 (default: llama2-7b's fc1, 22016 x 4096, bf16, fp32 logits), through
 
 * ``reference``: the plain PyTorch ``gumbel_soft_mask`` (autograd keeps noise, softmax, mask);
-* ``lean``: ``masked_weight`` (keeps weight and logits, recomputes the noise in the backward);
+* ``torch ops``: ``masked_weight`` on PyTorch ops (keeps weight and logits, recomputes the
+  noise in the backward; the CPU's implementation);
+* ``kernels``: ``masked_weight`` on the Triton kernels (the GPU's implementation);
 
-each with the counter-based noise eager and fused (one ``torch.compile``d kernel, the
-default on a GPU), and the noise alone.
+and the noise alone.
 
-Part 2, a model: one training step (forward, backward) of a few llama2-7b layers at
-sequence 4096, micro-batch 1, bf16: the dense model (all weights train) against the
-sparse model in mask-only mode, with the lean and with the reference masks (and the lean
-masks with eager noise).
+Part 2, a model: one training step (forward, backward, ``finish_mask_backward``) of a few
+llama2-7b layers at sequence 4096, micro-batch 1, bf16: the dense model (all weights train)
+against the sparse model in mask-only mode on the device's path, on the PyTorch ops and on
+the reference masks (``mask_impl``).
 
     python benchmarks/bench_sparse_gpu.py             # GPU
     python benchmarks/bench_sparse_gpu.py --tiny      # CPU check of the script
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from megatron_ext import platform  # noqa: E402
 from megatron_ext.models import build_model, get_config  # noqa: E402
 from megatron_ext.models.build import lm_loss  # noqa: E402
-from megatron_ext.sparsity import build_sparse_model, gumbel, masked_linears  # noqa: E402
+from megatron_ext.sparsity import build_sparse_model, finish_mask_backward, gumbel, masked_linears  # noqa: E402
 from megatron_ext.sparsity.nm import candidates  # noqa: E402
 
 
@@ -74,48 +75,39 @@ def bench_mask(args, dev_name: str) -> None:
     upstream = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16)
     tau, kappa = 4.0, 100.0
 
-    def reference(fused):
-        mask = gumbel.gumbel_soft_mask(logits, cands, tau, kappa, key, index, fused=fused).reshape(out_f, in_f)
+    def reference():
+        mask = gumbel.gumbel_soft_mask(logits, cands, tau, kappa, key, index).reshape(out_f, in_f)
         return weight * mask.to(weight.dtype)
 
-    def lean(fused):
-        return gumbel.masked_weight(weight, logits, cands, tau, kappa, key, index, fused=fused)
+    def ops(kernel):
+        return lambda: gumbel.masked_weight(weight, logits, cands, tau, kappa, key, index, kernel=kernel)
 
     shape = logits.shape[:-1]
-    if platform.has_cuda():
-        eager = gumbel.gumbel_noise(key, index, shape, cands.shape[0], dev, fused=False)
-        fused = gumbel.gumbel_noise(key, index, shape, cands.shape[0], dev, fused=True)
-        same_pick = torch.equal((logits + eager).argmax(-1), (logits + fused).argmax(-1))
-        print(f"fused vs eager noise: max |diff| {(eager - fused).abs().max().item():.2e}, "
-              f"same argmax of logits + noise: {same_pick}")
-        del eager, fused
+    paths = [("reference (autograd)", reference), ("torch ops (recompute noise)", ops(False))]
+    if gumbel.use_kernels(weight, logits, index):
+        paths.append(("kernels (recompute noise)", ops(True)))
     print(f"\n{dev_name}: weight {out_f} x {in_f} bf16, {n}:{m} ({cands.shape[0]} candidates), "
           f"logits fp32 {logits.numel() * 4 / 2**30:.2f} GiB\n")
-    print("| device | op | noise | weight | ms fwd+bwd | extra peak GiB (fwd+bwd) | kept for backward GiB |")
-    print("|---|---|---|---|---|---|---|")
-    modes = [False, True] if platform.has_cuda() else [False]
-    for fused_noise in modes:
-        for name, fn in (("reference (autograd)", reference), ("lean (recompute noise)", lean)):
-            def step():
-                logits.grad = None
-                fn(fused_noise).backward(upstream)
+    print("| device | op | weight | ms fwd+bwd | extra peak GiB (fwd+bwd) | kept for backward GiB |")
+    print("|---|---|---|---|---|---|")
+    for name, fn in paths:
+        def step():
+            logits.grad = None
+            fn().backward(upstream)
 
-            _reset_memory()
-            base = torch.cuda.memory_allocated() if platform.has_cuda() else 0
-            out = fn(fused_noise)
-            kept = (torch.cuda.memory_allocated() - base) / 2**30 if platform.has_cuda() else float("nan")
-            del out
-            _reset_memory()
-            base = torch.cuda.memory_allocated() if platform.has_cuda() else 0
-            dt = _timed(step, args.warmup, args.iters)
-            print(f"| {dev_name} | {name} | {'fused' if fused_noise else 'eager'} | {out_f}x{in_f} "
-                  f"| {dt * 1e3:.1f} | {_peak_gib(base):.2f} | {kept:.2f} |", flush=True)
-    for fused_noise in modes:
         _reset_memory()
-        dt = _timed(lambda: gumbel.gumbel_noise(key, index, shape, cands.shape[0], dev, fused=fused_noise),
-                    args.warmup, args.iters)
-        print(f"| {dev_name} | noise only | {'fused' if fused_noise else 'eager'} | {out_f}x{in_f} "
-              f"| {dt * 1e3:.2f} | | |", flush=True)
+        base = torch.cuda.memory_allocated() if platform.has_cuda() else 0
+        out = fn()
+        kept = (torch.cuda.memory_allocated() - base) / 2**30 if platform.has_cuda() else float("nan")
+        del out
+        _reset_memory()
+        base = torch.cuda.memory_allocated() if platform.has_cuda() else 0
+        dt = _timed(step, args.warmup, args.iters)
+        print(f"| {dev_name} | {name} | {out_f}x{in_f} | {dt * 1e3:.1f} | {_peak_gib(base):.2f} | {kept:.2f} |",
+              flush=True)
+    _reset_memory()
+    dt = _timed(lambda: gumbel.gumbel_noise(key, index, shape, cands.shape[0], dev), args.warmup, args.iters)
+    print(f"| {dev_name} | noise only (PyTorch ops) | {out_f}x{in_f} | {dt * 1e3:.2f} | | |", flush=True)
 
 
 def bench_model(args, dev_name: str) -> None:
@@ -127,7 +119,7 @@ def bench_model(args, dev_name: str) -> None:
           f"{args.n}:{args.m}\n")
     print("| device | model | training | ms/iter | tokens/s | peak mem GiB | loss |")
     print("|---|---|---|---|---|---|---|")
-    variants = ["dense", "lean", "reference"] + (["lean-eager"] if platform.has_cuda() else [])
+    variants = ["dense", None, "torch", "reference"] if platform.has_cuda() else ["dense", None, "reference"]
     for variant in variants:
         _reset_memory()
         platform.seed_everything(1)
@@ -138,16 +130,16 @@ def bench_model(args, dev_name: str) -> None:
             model = build_sparse_model(cfg, args.n, args.m, torch.bfloat16, mask_only=True)
             model.sparsity_state.update(10, 100)
             for _, layer in masked_linears(model):
-                layer.lean = variant != "reference"
-                if variant == "lean-eager":
-                    layer.fused_noise = False
-            what = {"lean": "mask-only, lean masks", "reference": "mask-only, reference masks",
-                    "lean-eager": "mask-only, lean masks, eager noise"}[variant]
+                layer.mask_impl = variant
+            what = {None: "mask-only, the device's path", "torch": "mask-only, PyTorch ops",
+                    "reference": "mask-only, reference masks"}[variant]
 
         def step():
             model.zero_grad(set_to_none=True)
             loss = lm_loss(model, tokens, labels)
             loss.backward()
+            if variant != "dense":
+                finish_mask_backward(model)
             return loss
 
         try:

@@ -16,8 +16,13 @@ AdamW, schedules), ``--tp``-way tensor parallel, ``--num-layers`` layers (defaul
   qkv [3072, 4096], proj [4096, 1024], fc1 [5504, 4096], fc2 [4096, 2752]). Its peak memory is
   what one GPU of a TP4 run holds, plus the whole rather than a quarter of the vocabulary
   embedding and output layer (slightly more) and without communication buffers. The trainer
-  cannot build it from flags (its head dim is not hidden / heads), so the model is built
-  through the library and trained by the trainer's own step (``Run.train_step``).
+  cannot build it from flags (its head dim is not hidden / heads): the dense proxy goes
+  through ``Run(model_factory=...)``, the mask-only one through a MaskLLM plug-in whose
+  ``build_model`` builds the proxy, so the run is the trainer's own (``Run.train_step``).
+
+``--mbs 1,4`` runs every case at each micro-batch size (dense and mask-only side by side, with
+their ratio); ``--profile`` adds a torch.profiler breakdown of a step (kernel categories,
+trainer phases, GPU idle time).
 
 Model FLOPs per iteration and GPU: ``6 * N * T + 12 * L * a * s * T``, with ``N`` the weights
 that enter matrix products on this GPU (q/k/v, o, gate/up, down and the output layer, counted
@@ -30,6 +35,8 @@ saving). Dense and mask-only count the same FLOPs: the mask work is overhead. MF
     python benchmarks/bench_train_gpu.py --data-path PREFIX --tokenizer-model TOKENIZER   # one GPU
     torchrun --nproc_per_node 4 benchmarks/bench_train_gpu.py --tp 4 --num-layers 32 \\
         --data-path PREFIX --tokenizer-model TOKENIZER                                     # TP4
+    python benchmarks/bench_train_gpu.py --cases proxy-dense,proxy-mask-only --seqs 2048 --mbs 1,4 --gbs 64 \\
+        --profile --data-path PREFIX --tokenizer-model TOKENIZER                           # the TP4 rank proxy
     python benchmarks/bench_train_gpu.py --tiny                                            # CPU check
 
 Prints one markdown table (also written to ``--out``). An out-of-memory case is reported as
@@ -53,65 +60,58 @@ from bench_common import (MASK_ONLY_FLAGS, emit, environment, memory_gib, reset_
                           timed_steps, trainer_argv)
 from bench_model_gpu import matmul_tflops  # noqa: E402
 from megatron_ext import platform  # noqa: E402
-from megatron_ext.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_ext.models import get_config  # noqa: E402
 from megatron_ext.models.build import build_model  # noqa: E402
-from megatron_ext.training import Run, parse_args, validate_parallel  # noqa: E402
-from megatron_ext.training.loop import resolve_model_config  # noqa: E402
-from megatron_ext.training.reporting import RunLogger  # noqa: E402
+from megatron_ext.sparsity.plugin import MaskLLM  # noqa: E402
+from megatron_ext.training import Run, parse_args  # noqa: E402
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.4
 CASES = ("dense", "mask-only", "proxy-dense", "proxy-mask-only")
+PLUGINS = (MaskLLM,)
 
 
-class ProxyRun(Run):
-    """A trainer ``Run`` over the TP-rank proxy model: each weight shaped as one rank's shard at
-    TP ``proxy_tp``, trained at TP1 by the inherited ``train_step``, optimizer and data.
+def proxy_shapes(cfg, proxy_tp: int):
+    """(config, megatron overrides) of the TP-rank proxy: heads, query groups and FFN width
+    divided by ``proxy_tp``, the head dim (``kv_channels``) kept, which the trainer's flags
+    cannot express."""
+    cfg.validate_tp(proxy_tp)
+    shard = cfg.replace(num_attention_heads=cfg.num_attention_heads // proxy_tp,
+                        num_query_groups=cfg.num_query_groups // proxy_tp,
+                        ffn_hidden_size=cfg.ffn_hidden_size // proxy_tp)
+    return shard, {"kv_channels": cfg.head_dim}
 
-    Only the model differs from ``Run``: the head dim (``kv_channels``) stays the full model's
-    while the heads shrink, which the trainer's flags cannot express.
-    """
 
-    def __init__(self, args, proxy_tp: int) -> None:
-        from megatron.core import parallel_state as ps
+def proxy_model_factory(proxy_tp: int):
+    """The dense proxy through ``Run(model_factory=...)``."""
+    def build(cfg, dtype, init_method_std):
+        shard, overrides = proxy_shapes(cfg, proxy_tp)
+        return build_model(shard, dtype, init_method_std=init_method_std, config_overrides=overrides)
+    return build
 
-        self.args = args
-        self.dinfo = platform.init_distributed(1)
-        validate_parallel(args, self.dinfo.world_size)
-        platform.seed_everything(args.seed)
-        self.dp_group, self.mp_group = ps.get_data_parallel_group(), ps.get_model_parallel_group()
-        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        full = resolve_model_config(args, self.tokenizer, None)
-        full.validate_tp(proxy_tp)
-        self.cfg = full.replace(num_attention_heads=full.num_attention_heads // proxy_tp,
-                                num_query_groups=full.num_query_groups // proxy_tp,
-                                ffn_hidden_size=full.ffn_hidden_size // proxy_tp)
-        self.log = RunLogger(args.log_dir, args.tag, enabled=True)
-        try:
-            self._build(full.head_dim)
-        except BaseException:
-            self.close()
-            raise
 
-    def _build(self, kv_channels: int) -> None:
-        args = self.args
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
-        kwargs = dict(init_method_std=args.init_method_std, config_overrides={"kv_channels": kv_channels})
-        if args.sparse:
+def proxy_mask_llm(proxy_tp: int) -> type:
+    """MaskLLM whose model is the proxy (the plug-in keeps its hooks: schedules, regulariser,
+    the once-per-step mask backward)."""
+    class ProxyMaskLLM(MaskLLM):
+        def build_model(self, cfg, dtype, init_method_std):
             from megatron_ext.sparsity import SparsityState, build_sparse_model
 
-            self.sparsity = SparsityState(N=args.N, M=args.M, seed=args.seed, tau_range=args.gumbel_temperature_range,
-                                          kappa_range=args.gumbel_scale_range, hard=args.hard)
-            self.model = build_sparse_model(self.cfg, args.N, args.M, dtype, mask_only=args.mask_only,
-                                            state=self.sparsity, **kwargs)
-        else:
-            self.sparsity = None
-            self.model = build_model(self.cfg, dtype, **kwargs)
-        self.model.train()
-        self.iteration = self.consumed_train = 0
-        self._last_reg = None
-        self._build_optimizer()
-        self._build_data({})
+            c = self.config
+            shard, overrides = proxy_shapes(cfg, proxy_tp)
+            self.state = SparsityState(N=c.N, M=c.M, seed=c.seed, tau_range=c.tau_range, kappa_range=c.kappa_range,
+                                       hard=c.hard)
+            return build_sparse_model(shard, c.N, c.M, dtype, mask_only=c.mask_only, state=self.state,
+                                      init_method_std=init_method_std, config_overrides=overrides)
+    return ProxyMaskLLM
+
+
+def build_run(args, case: str, proxy_tp: int) -> Run:
+    """The trainer's ``Run`` for a case: the public API, a model factory / plug-in for the proxy."""
+    if not case.startswith("proxy-"):
+        return Run(args, PLUGINS)
+    if case.endswith("mask-only"):
+        return Run(args, (proxy_mask_llm(proxy_tp),))
+    return Run(args, PLUGINS, model_factory=proxy_model_factory(proxy_tp))
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -199,27 +199,32 @@ def case_layers(opts, case: str) -> int:
     return layers or get_config(opts.model).num_layers
 
 
-def run_case(opts, case: str, seq: int) -> dict:
+def run_case(opts, case: str, seq: int, mbs: int) -> dict:
     """Build the case's run, time ``opts.iters`` trainer steps, return the measurements."""
     proxy = case.startswith("proxy-")
     extra = list(MASK_ONLY_FLAGS) if case.endswith("mask-only") else []
     reset_memory()
-    flags = argparse.Namespace(**{**vars(opts), "num_layers": case_layers(opts, case)})
-    args = parse_args(trainer_argv(flags, extra, seq=seq, tp=1 if proxy else opts.tp))
-    run = ProxyRun(args, opts.proxy_tp) if proxy else Run(args)
+    flags = argparse.Namespace(**{**vars(opts), "num_layers": case_layers(opts, case), "mbs": mbs})
+    args = parse_args(trainer_argv(flags, extra, seq=seq, tp=1 if proxy else opts.tp), PLUGINS)
+    run = build_run(args, case, opts.proxy_tp)
     try:
-        if args.sparse:
+        if case.endswith("mask-only"):
             apply_layer_settings(run.model, opts.layer_settings)
         sec, losses = timed_steps(lambda: run.train_step()["loss"], opts.iters, opts.warmup)
-        tokens = args.global_batch_size // run.dinfo.dp_size * seq
+        o = run.config.optim
+        tokens = o.global_batch_size // run.dinfo.dp_size * seq
         # GPUs sharing one model replica: a proxy stands for one of proxy_tp ranks
         gpus = run.dinfo.dp_size * (opts.proxy_tp if proxy else run.dinfo.tp_size)
-        return {"sec": sec, "losses": losses, "flops": flops_per_iteration(run.model, seq, tokens),
-                "shapes": first_layer_shapes(run.model),
-                "tokens_per_gpu": args.global_batch_size * seq / sec / gpus,
-                "peak": _max_over_ranks(memory_gib()),
-                "reserved": _max_over_ranks(torch.cuda.max_memory_reserved() / 2**30
-                                            if platform.has_cuda() else float("nan"))}
+        result = {"sec": sec, "losses": losses, "flops": flops_per_iteration(run.model, seq, tokens),
+                  "shapes": first_layer_shapes(run.model),
+                  "tokens_per_gpu": o.global_batch_size * seq / sec / gpus,
+                  "peak": _max_over_ranks(memory_gib()),
+                  "reserved": _max_over_ranks(torch.cuda.max_memory_reserved() / 2**30
+                                              if platform.has_cuda() else float("nan"))}
+        if opts.profile and case in opts.profile_cases and mbs == min(opts.mbs_list) and seq == min(opts.seq_list):
+            opts.profile_tag = f"{case}-seq{seq}-mb{mbs}"
+            result["profile"] = profile_steps(run, opts)
+        return result
     finally:
         run.close()
         del run
@@ -236,16 +241,129 @@ def _gib(x: float) -> str:
     return "n/a" if x != x else f"{x:.2f}"
 
 
-def table_row(opts, case: str, seq: int, r: dict) -> str:
+def table_row(opts, case: str, seq: int, mbs: int, r: dict, dense: dict | None = None) -> str:
+    """A table row; ``dense``: the dense case's result at the same model, length and micro-batch."""
     label = case_label(case, opts)
     shard = f" TP{opts.proxy_tp}-rank shapes" if case.startswith("proxy-") else ""
     model = f"{opts.model}{shard} x{case_layers(opts, case)}L"
     if "error" in r:
-        return f"| {label} | {model} | {seq} | {r['error']} | | | | | | |"
+        return f"| {label} | {model} | {seq} | {mbs} | {opts.gbs} | {r['error']} | | | | | | | |"
     achieved = r["flops"] / r["sec"] / 1e12
-    return (f"| {label} | {model} | {seq} | {r['sec'] * 1e3:.1f} | {r['tokens_per_gpu']:,.0f} "
-            f"| {achieved:.4g} | {achieved / opts.peak_tflops:.1%} | {_gib(r['peak'])} | {_gib(r['reserved'])} "
-            f"| {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |")
+    ratio = (f"{r['tokens_per_gpu'] / dense['tokens_per_gpu']:.3f}"
+             if case.endswith("mask-only") and dense and "error" not in dense else "")
+    return (f"| {label} | {model} | {seq} | {mbs} | {opts.gbs} | {r['sec'] * 1e3:.1f} | {r['tokens_per_gpu']:,.0f} "
+            f"| {ratio} | {achieved:.4g} | {achieved / opts.peak_tflops:.1%} | {_gib(r['peak'])} "
+            f"| {_gib(r['reserved'])} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |")
+
+
+# --------------------------------------------------------------------------- profile
+
+PROFILE_RANGES = (("optimizer", "step", "AdamW step (+ fp32 -> bf16 copy)"),
+                  ("optimizer", "clip_gradients", "gradient norm + clipping"),
+                  ("optimizer", "zero_grad", "zero gradient buffer"),
+                  ("plugin", "after_backward", "MaskLLM after_backward (the step's mask backward)"),
+                  ("plugin", "extra_loss", "MaskLLM extra_loss (regulariser)"))
+
+
+def _kernel_category(name: str) -> str:
+    low = name.lower()
+    if "_forward_kernel" in low or "_backward_kernel" in low:
+        return "mask kernels (Triton)"
+    if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "attn")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")):
+        return "GEMM"
+    if any(k in low for k in ("multi_tensor", "adam", "foreach")):
+        return "multi-tensor (optimizer, norms)"
+    if any(k in low for k in ("nll", "log_softmax", "cross_entropy", "softmax")):
+        return "softmax / loss"
+    if "reduce" in low:
+        return "reductions"
+    return "elementwise / other"
+
+
+def _device_time(evt) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def _range_time(evt) -> float:
+    for attr in ("device_time_total", "cuda_time_total"):
+        if hasattr(evt, attr):
+            return float(getattr(evt, attr))
+    return 0.0
+
+
+def profile_steps(run, opts) -> list[str]:
+    """Where a step's GPU time goes (torch.profiler over ``--profile-steps`` trainer steps):
+    kernel time by category, the trainer phases' GPU time, and the GPU's idle time (wall
+    time minus the union of kernel intervals: launch gaps, host work, synchronisation)."""
+    import time
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def wrapped(fn, label):
+        def call(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+        return call
+
+    saved = []
+    for owner, attr, label in PROFILE_RANGES:
+        for obj in ([run.optimizer] if owner == "optimizer" else list(run.plugins)):
+            if hasattr(obj, attr):
+                saved.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, wrapped(getattr(obj, attr), label))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if platform.has_cuda() else [])
+    try:
+        platform.synchronize()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(opts.profile_steps):
+                run.train_step()
+            platform.synchronize()
+            wall_us = (time.perf_counter() - start) * 1e6
+    finally:
+        for obj, attr, fn in saved:
+            setattr(obj, attr, fn)
+    if opts.profile_dir:
+        os.makedirs(opts.profile_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(opts.profile_dir, f"trace-{opts.profile_tag}.json"))
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
+    by_cat: dict[str, float] = {}
+    for e in kernels:
+        by_cat[_kernel_category(e.name)] = by_cat.get(_kernel_category(e.name), 0.0) + e.time_range.elapsed_us()
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s0, e0 in intervals:
+        if cur_e is None or s0 > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s0, e0
+        else:
+            cur_e = max(cur_e, e0)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    steps = opts.profile_steps
+    lines = [f"| kernel category | GPU ms / step | share of wall time |", "|---|---|---|"]
+    for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cat} | {us / 1e3 / steps:.1f} | {us / wall_us:.1%} |")
+    lines.append(f"| GPU idle (launch gaps, host work, sync): wall - union of kernels | "
+                 f"{(wall_us - busy) / 1e3 / steps:.1f} | {(wall_us - busy) / wall_us:.1%} |")
+    lines.append(f"| wall time | {wall_us / 1e3 / steps:.1f} | 100% |")
+    ranges = {e.key: _range_time(e) for e in prof.key_averages() if e.key in {r[2] for r in PROFILE_RANGES}}
+    if ranges:
+        lines += ["", "| trainer phase (GPU time of its kernels) | ms / step |", "|---|---|"]
+        lines += [f"| {k} | {v / 1e3 / steps:.1f} |" for k, v in ranges.items()]
+    top = sorted(((e.key, _device_time(e)) for e in prof.key_averages()
+                  if getattr(e, "device_type", None) == DeviceType.CUDA), key=lambda kv: -kv[1])[:12]
+    if top:
+        lines += ["", "| top kernels | GPU ms / step | category |", "|---|---|---|"]
+        lines += [f"| `{k[:90]}` | {v / 1e3 / steps:.2f} | {_kernel_category(k)} |" for k, v in top]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -254,7 +372,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-layers", type=int, default=4, help="layers of the dense / mask-only cases (default 4)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the dense / mask-only cases")
     p.add_argument("--seqs", default="2048,4096", help="comma list of sequence lengths")
-    p.add_argument("--mbs", type=int, default=1)
+    p.add_argument("--mbs", default="1", help="comma list of micro-batch sizes (each case runs at each)")
     p.add_argument("--gbs", type=int, default=8)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2, help="iterations not timed (median of the rest)")
@@ -272,20 +390,31 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-model", help="the 32k LLaMA SentencePiece model the data was tokenized with")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--tiny", action="store_true", help="tiny model, short sequences, the shipped sample: a CPU check")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over --profile-steps more steps of --profile-cases at the smallest "
+                        "micro-batch and length: where a step's GPU time goes")
+    p.add_argument("--profile-cases", default="proxy-dense,proxy-mask-only,dense,mask-only")
+    p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument("--profile-dir", help="also write each profile's Chrome trace here")
     opts = p.parse_args(argv)
+    opts.profile_cases = opts.profile_cases.split(",")
     opts.layer_settings = layer_settings(opts.layer_attr)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tmp = tempfile.mkdtemp(prefix="bench-train-gpu-")
     opts.log_dir = os.path.join(tmp, "logs")
     if opts.tiny:
-        opts.model, opts.num_layers, opts.seqs, opts.gbs, opts.mbs = "tiny", None, "32,64", 4, 1
+        opts.model, opts.num_layers, opts.seqs, opts.gbs = "tiny", None, "32,64", 4
         opts.iters, opts.warmup, opts.matmul_n = min(opts.iters, 3), min(opts.warmup, 1), 256
         opts.proxy_tp = 2
         opts.data_path, opts.tokenizer_model = tiny_data(tmp)
     if not opts.data_path or not opts.tokenizer_model:
         p.error("--data-path and --tokenizer-model are required (or --tiny)")
     seqs = [int(s) for s in opts.seqs.split(",") if s.strip()]
+    opts.seq_list = seqs
+    opts.mbs_list = [int(m) for m in str(opts.mbs).split(",") if m.strip()]
+    if not opts.mbs_list or any(m < 1 or opts.gbs % m for m in opts.mbs_list):
+        p.error(f"--mbs {opts.mbs}: each micro-batch size must be >= 1 and divide --gbs {opts.gbs}")
     cases = (opts.cases or ",".join(CASES if world == 1 else CASES[:2])).split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -300,39 +429,48 @@ def main(argv=None) -> int:
     try:
         dinfo = platform.init_distributed(opts.tp)
         matmul = matmul_tflops(opts.matmul_n, torch.bfloat16)
-        rows, proxy_shapes, failed = run_all(opts, cases, seqs, dinfo.rank == 0)
+        rows, proxy_shapes, profiles, failed = run_all(opts, cases, seqs, dinfo.rank == 0)
         if dinfo.rank == 0:
-            emit("\n".join(report(opts, cases, world, matmul, rows, proxy_shapes)), opts.out)
+            emit("\n".join(report(opts, cases, world, matmul, rows, proxy_shapes, profiles)), opts.out)
     finally:
         platform.destroy_distributed()
         shutil.rmtree(tmp, ignore_errors=True)
     return 1 if failed else 0
 
 
-def run_all(opts, cases: list[str], seqs: list[int], rank0: bool) -> tuple[list[str], str | None, bool]:
-    """Every case at every length, grouped by model; table rows, the proxy's shapes, whether any failed."""
-    failed, rows, proxy_shapes = False, [], None
+def run_all(opts, cases: list[str], seqs: list[int], rank0: bool):
+    """Every case at every length and micro-batch, grouped by model; table rows, the proxy's
+    shapes, profiles, whether any failed."""
+    failed, rows, proxy_shapes, profiles = False, [], None, []
     order = [c for c in cases if not c.startswith("proxy-")], [c for c in cases if c.startswith("proxy-")]
     for group in order:
         for seq in seqs:
-            for case in group:
-                try:
-                    r = run_case(opts, case, seq)
-                except torch.OutOfMemoryError:
-                    r = {"error": "OOM"}
-                except Exception as e:  # noqa: BLE001 - reported in the table, the other cases go on
-                    traceback.print_exc()
-                    first = (str(e).splitlines() or [""])[0][:160].replace("|", "/")
-                    r = {"error": f"failed: {type(e).__name__}: {first}"}
-                    failed = True
-                rows.append(table_row(opts, case, seq, r))
-                proxy_shapes = r.get("shapes", proxy_shapes) if case.startswith("proxy-") else proxy_shapes
-                if rank0:
-                    print(f"[bench_train_gpu] {rows[-1]}", flush=True)
-    return rows, proxy_shapes, failed
+            for mbs in opts.mbs_list:
+                dense = None
+                for case in group:
+                    try:
+                        r = run_case(opts, case, seq, mbs)
+                    except torch.OutOfMemoryError:
+                        r = {"error": "OOM"}
+                    except Exception as e:  # noqa: BLE001 - reported in the table, the other cases go on
+                        traceback.print_exc()
+                        first = (str(e).splitlines() or [""])[0][:160].replace("|", "/")
+                        r = {"error": f"failed: {type(e).__name__}: {first}"}
+                        failed = True
+                    dense = r if case.endswith("dense") else dense
+                    rows.append(table_row(opts, case, seq, mbs, r, dense))
+                    proxy_shapes = r.get("shapes", proxy_shapes) if case.startswith("proxy-") else proxy_shapes
+                    if "profile" in r:
+                        profiles.append((f"{case_label(case, opts)}, seq {seq}, micro-batch {mbs}, global batch "
+                                         f"{opts.gbs}", r["profile"]))
+                    if rank0:
+                        print(f"[bench_train_gpu] {rows[-1]}", flush=True)
+                        if "profile" in r:
+                            print("\n".join(r["profile"]), flush=True)
+    return rows, proxy_shapes, profiles, failed
 
 
-def report(opts, cases, world: int, matmul: float, rows: list[str], proxy_shapes) -> list[str]:
+def report(opts, cases, world: int, matmul: float, rows: list[str], proxy_shapes, profiles) -> list[str]:
     lines = ["## Training: tokens/s, MFU and peak memory per GPU (bench_train_gpu.py)", ""]
     lines += environment(world)
     lines += [f"- bf16 matmul {opts.matmul_n}^3 measured: {matmul:.4g} TFLOP/s; MFU denominator "
@@ -350,9 +488,12 @@ def report(opts, cases, world: int, matmul: float, rows: list[str], proxy_shapes
                      f"slightly more (the whole vocabulary embedding and output layer, not 1/{tp}), and no "
                      "communication buffers; its tokens/s/GPU is that of the TP run it models without "
                      f"communication (the replica's tokens / {tp}), its MFU that rank's.")
-    return lines + ["", "| run | model | seq | ms/iter | tokens/s/GPU | TFLOP/s/GPU | MFU | peak alloc GiB/GPU "
-                        "| peak reserved GiB/GPU | loss first -> last |",
-                    "|---|---|---|---|---|---|---|---|---|---|", *rows]
+    lines += ["", "| run | model | seq | micro-batch | global batch | ms/iter | tokens/s/GPU | mask-only / dense "
+                  "| TFLOP/s/GPU | MFU | peak alloc GiB/GPU | peak reserved GiB/GPU | loss first -> last |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]
+    for title, table in profiles:
+        lines += ["", f"Profile ({opts.profile_steps} step(s)): {title}", "", *table]
+    return lines
 
 
 if __name__ == "__main__":
