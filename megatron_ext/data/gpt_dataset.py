@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from megatron_ext.errors import InputError
 from megatron_ext.data.index_cache import FORMAT_VERSION, IndexCache, cache_key, lengths_digest
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class Split(enum.Enum):
     test = 2
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset that cannot supply what was asked of it (the message names the prefix)."""
 
 

@@ -32,13 +32,16 @@ import zlib
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from megatron_ext.errors import MegatronExtError
 
 FORMAT_VERSION = 1
 _CRC_CHUNK = 1 << 26
 
 
-class IndexCacheError(OSError):
+class IndexCacheError(MegatronExtError, OSError):
     """The cache directory cannot be written (the message names it)."""
+
+    exit_code = 1
 
 
 def cache_key(description: Mapping) -> str:

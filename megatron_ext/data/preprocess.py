@@ -62,6 +62,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from megatron_ext.errors import InputError
 from megatron_ext.data.indexed_dataset import (
     IndexedDatasetBuilder,
     WorkDirectory,
@@ -79,7 +80,7 @@ _MAX_BAD_LINE_MESSAGES = 20
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-class PreprocessError(ValueError):
+class PreprocessError(InputError):
     """Bad input, flags or output location; the message names the file (and line)."""
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from megatron_ext.errors import InputError
 
 TOKENIZER_TYPES = (
     "Llama2Tokenizer",
@@ -50,7 +51,7 @@ TOKENIZER_TYPES = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer model that is missing, unreadable or unsuitable (the message names it)."""
 
 
