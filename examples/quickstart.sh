@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole MaskLLM method on the shipped sample (what `make demo` runs), on two CPU cores in
-# about 6-8 minutes, plus the install on a first `make demo`:
+# about 8 minutes, plus the install on a first `make demo`:
 #
 #   bash run_maskllm_native.sh examples/quickstart.sh 0     # 0: from scratch, 1: resume
 #
