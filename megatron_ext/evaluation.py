@@ -65,6 +65,13 @@ def evaluate(load: str | os.PathLike, *, seq_length: int, text_file: str | os.Pa
     if text_file is not None:
         tokens = text_tokens(text_file, build_tokenizer_for(loaded, str(path)))
     else:
+        from megatron_ext.data.indexed_dataset import check_token_range, verify_dataset
+
+        try:
+            verify_dataset(data_path)
+            check_token_range(data_path, loaded.config.vocab_size)
+        except ValueError as e:
+            raise PerplexityError(f"--data-path: {e}") from None
         tokens = dataset_tokens(data_path)
     windows = make_windows(tokens, seq_length)
     if max_windows is not None:

@@ -45,8 +45,12 @@ def sample_counts(train_iters: int, global_batch_size: int, eval_interval: int, 
     return [train_iters * global_batch_size, evals * eval_iters * global_batch_size, eval_iters * global_batch_size]
 
 
-def check_data_paths(data_path: str, flag: str) -> None:
-    """Every prefix of a blend has its .bin and .idx (``DataError`` naming ``flag`` otherwise)."""
+def check_data_paths(data_path: str, flag: str, vocab_size: Optional[int] = None) -> None:
+    """Every prefix of a blend has its .bin and .idx, passes ``check_dataset``'s consistency
+    checks (offset errors), and, given ``vocab_size``, holds no token id the model cannot embed
+    (a dataset tokenized with another tokenizer). ``DataError`` naming ``flag`` and the file."""
+    from megatron_ext.data.indexed_dataset import check_token_range, verify_dataset
+
     try:
         prefixes, _ = parse_blend(data_path)
     except ValueError as e:
@@ -55,6 +59,12 @@ def check_data_paths(data_path: str, flag: str) -> None:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
                 raise DataError(f"{flag}: {prefix + suffix} does not exist")
+        try:
+            verify_dataset(prefix)
+            if vocab_size is not None:
+                check_token_range(prefix, vocab_size)
+        except ValueError as e:
+            raise DataError(f"{flag}: {e}") from None
 
 
 def dataset_config(data: "DataConfig", tokenizer) -> GPTDatasetConfig:

@@ -122,9 +122,9 @@ class Run:
         self.tokenizer, self.tokenizer_type = resolve_tokenizer(c.data, ckpt)
         self.cfg = resolve_model_config(c.model, self.tokenizer, ckpt, seq_length=c.data.seq_length,
                                         tp=c.parallel.tensor_model_parallel_size, plugins=self.plugins)
-        check_data_paths(c.data.data_path, "--data-path")
+        check_data_paths(c.data.data_path, "--data-path", self.cfg.vocab_size)
         if c.data.eval_data_path is not None:
-            check_data_paths(c.data.eval_data_path, "--eval-data-path")
+            check_data_paths(c.data.eval_data_path, "--eval-data-path", self.cfg.vocab_size)
 
         lg = c.logging
         self.log = RunLogger(lg.log_dir, lg.tag, enabled=platform.is_rank0(), tensorboard_dir=lg.tensorboard_dir)
