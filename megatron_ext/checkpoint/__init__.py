@@ -9,6 +9,7 @@
   ``load_rank_state_dict``, ``load_for_rank``), shared by the tools and the trainer.
 * ``train_state``: optimizer, schedule, random state and data position of a training run,
   saved collectively.
+* ``gguf``: llama-architecture GGUF files (dequantized, rotary permutation undone, tokenizer rebuilt).
 * ``convert``: conversions between HF, GGUF and our format (``tools/convert_checkpoint.py``).
 
 Layers: imports ``megatron_ext.models`` (the config) and ``platform``; used by

@@ -43,7 +43,7 @@ def convert_checkpoint(source_format: str, target_format: str, load: str | os.Pa
                             tokenizer_type=tok_type, extra_info=info.extra, overwrite=overwrite)
             return Path(save)
         if source_format == "gguf":
-            from megatron_ext.models.gguf_import import read_gguf
+            from megatron_ext.checkpoint.gguf import read_gguf
 
             model = read_gguf(load)
             cfg, hf_sd = model.config, model.state_dict

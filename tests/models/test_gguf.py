@@ -16,7 +16,7 @@ import transformers
 from megatron_ext.models import build_model, get_config
 from megatron_ext import checkpoint as ckpt
 from megatron_ext.models.build import forward_logits
-from megatron_ext.models.gguf_import import GGUFImportError, import_gguf, read_gguf, unpermute_rotary
+from megatron_ext.checkpoint.gguf import GGUFImportError, import_gguf, read_gguf, unpermute_rotary
 from megatron_ext.checkpoint import read_hf_checkpoint
 
 PROMPT = "The capital of Italy is"

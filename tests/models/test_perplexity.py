@@ -16,7 +16,7 @@ import transformers
 
 from megatron_ext import platform
 from megatron_ext import checkpoint as ckpt
-from megatron_ext.models.gguf_import import import_gguf
+from megatron_ext.checkpoint.gguf import import_gguf
 from megatron_ext.checkpoint import from_hf_config
 from megatron_ext.evaluation import PerplexityError, evaluate
 

@@ -91,7 +91,7 @@ def _smollm2_layer0(gguf_path, text_path):
     """Real weights of SmolLM2-135M layer 0 (Q, K, V) and their real inputs."""
     import gguf
 
-    from megatron_ext.models import gguf_import
+    from megatron_ext.checkpoint import gguf as gguf_import
 
     reader = gguf_import._open(Path(gguf_path))
     files = gguf_import.gguf_tokenizer_files(reader, Path(gguf_path), 8192)
