@@ -26,6 +26,7 @@ from megatron_ext.models import get_config  # noqa: E402
 from megatron_ext.models.build import lm_loss  # noqa: E402
 from megatron_ext.sparsity import (build_sparse_model, finish_mask_backward, fused_mask, gumbel,  # noqa: E402
                                    masked_linears, sparse_weight_norm)
+from megatron_ext.sparsity import layers as layers_module  # noqa: E402
 from megatron_ext.sparsity.layers import _strided_rows  # noqa: E402
 from megatron_ext.sparsity.nm import candidates, check_nm  # noqa: E402
 
@@ -315,6 +316,51 @@ def test_one_mask_backward_per_step_gives_the_gradients_of_the_per_micro_batch_r
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
     assert all(layer._mask_cache is None for _, layer in masked_linears(cached))  # freed by the finish
     assert all(layer._mask_cache is None for _, layer in masked_linears(plain))
+
+
+def test_the_mask_backward_runs_once_per_step_on_the_summed_gradient(tp1, monkeypatch):
+    """Three micro-batches and the regulariser: no mask backward during the backwards, one per
+    layer in finish_mask_backward, then nothing of the step is left on the layers."""
+    cached, _ = _twins()
+    calls = []
+    real = gumbel.backward_pass
+    monkeypatch.setattr(gumbel, "backward_pass", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    for tokens, labels in _batches(3):
+        (lm_loss(cached, tokens, labels) / 3).backward()
+    (-0.01 * sparse_weight_norm(cached)).backward()
+    layers = [layer for _, layer in masked_linears(cached)]
+    assert calls == [] and all(layer.mask_logits.grad is None for layer in layers)
+    sums = [layer._mask_cache.grad_sum for layer in layers]
+    assert all(g.dtype == torch.float32 and g.shape == layer.weight.shape for g, layer in zip(sums, layers))
+    finish_mask_backward(cached)
+    assert len(calls) == len(layers) and all(g is s for g, s in zip(calls, sums))  # the fp32 sums, once each
+    assert all(layer.mask_logits.grad is not None and layer._mask_cache is None for layer in layers)
+    finish_mask_backward(cached)  # nothing pending: a no-op
+    assert len(calls) == len(layers)
+
+
+def test_eval_with_a_pending_backward_completes_the_gradients_and_keeps_nothing(tp1):
+    cached, plain = _twins()
+    tokens, labels = _batches(1)[0]
+    for model in (cached, plain):
+        lm_loss(model, tokens, labels).backward()
+        model.eval()  # the cached model finishes its step here
+        with torch.no_grad():
+            lm_loss(model, tokens, labels)
+    layers = [layer for _, layer in masked_linears(cached)]
+    assert all(layer._mask_cache is None and layer not in layers_module._PENDING for layer in layers)
+    for (_, a), (_, b) in zip(masked_linears(cached), masked_linears(plain)):
+        torch.testing.assert_close(a.mask_logits.grad, b.mask_logits.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_changing_the_logits_while_a_backward_is_pending_is_refused(tp1):
+    cached, _ = _twins()
+    lm_loss(cached, *_batches(1)[0]).backward()
+    layer = masked_linears(cached)[0][1]
+    with torch.no_grad():
+        layer.mask_logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="changed in place while the step's mask backward was pending"):
+        finish_mask_backward(cached)
 
 
 def test_each_micro_batch_gets_a_fresh_output_aliasing_the_cache(tp1):
