@@ -223,7 +223,11 @@ def run_case(opts, case: str, seq: int, mbs: int) -> dict:
                                               if platform.has_cuda() else float("nan"))}
         if opts.profile and case in opts.profile_cases and mbs == min(opts.mbs_list) and seq == min(opts.seq_list):
             opts.profile_tag = f"{case}-seq{seq}-mb{mbs}"
-            result["profile"] = profile_steps(run, opts)
+            try:
+                result["profile"] = profile_steps(run, opts)
+            except Exception as e:  # noqa: BLE001 - the timings stand without it
+                traceback.print_exc()
+                result["profile"] = [f"profile failed: {type(e).__name__}: {e}"]
         return result
     finally:
         run.close()
