@@ -59,7 +59,7 @@ def supports(weight: torch.Tensor, logits: torch.Tensor) -> bool:
 def _require() -> None:
     if triton is None:
         raise RuntimeError("the fused Gumbel-mask kernels need triton (pip install triton); "
-                           "or set the layer's fused_kernel = False for the PyTorch path")
+                           "or set the layer's mask_impl = \"torch\" for the PyTorch path")
 
 
 if triton is not None:
