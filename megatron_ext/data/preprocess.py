@@ -58,7 +58,7 @@ import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -233,6 +233,30 @@ def _open_binary(f: InputFile):
         raise PreprocessError(f"{f.path}: cannot open: {e.strerror or e}") from None
 
 
+def whole_line_blocks(read: Callable[[int], bytes], block_bytes: int) -> Iterator[Tuple[int, bytes, bool]]:
+    """``(first line number, whole lines, is the tail)`` blocks of a byte stream read
+    ``block_bytes`` at a time: a leading UTF-8 BOM is dropped and no line is split; the tail
+    is a last line without its newline."""
+    line_no, carry, first = 1, b"", True
+    while True:
+        block = read(block_bytes)
+        if first and block.startswith(_UTF8_BOM):
+            block = block[3:]
+        first = False
+        if not block:
+            break
+        data = carry + block if carry else block
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            carry = data
+            continue
+        whole, carry = data[:cut], data[cut:]
+        yield line_no, whole, False
+        line_no += whole.count(b"\n")
+    if carry:
+        yield line_no, carry, True
+
+
 def read_chunks(files: Sequence[InputFile], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
     """Cut the inputs into chunks of about ``chunk_bytes``, never splitting a line."""
     index = 0  # physical lines (JSON) or files (text) so far, across all inputs
@@ -258,34 +282,16 @@ def read_chunks(files: Sequence[InputFile], chunk_bytes: int = DEFAULT_CHUNK_BYT
         if texts:
             yield Chunk("", 1, text_first, texts=texts)
             texts, text_bytes = [], 0
-        line_no = 1
-        carry = b""
-        first = True
         with _open_binary(f) as fh:
-            while True:
+            def read(n: int, fh=fh, path=f.path) -> bytes:
                 try:
-                    block = fh.read(chunk_bytes)
+                    return fh.read(n)
                 except (OSError, EOFError, zlib.error) as e:
-                    raise PreprocessError(f"{f.path}: cannot read: {e}") from None
-                if first:
-                    if block.startswith(_UTF8_BOM):
-                        block = block[3:]
-                    first = False
-                if not block:
-                    break
-                data = carry + block if carry else block
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    carry = data
-                    continue
-                whole, carry = data[:cut], data[cut:]
-                lines = whole.count(b"\n")
+                    raise PreprocessError(f"{path}: cannot read: {e}") from None
+
+            for line_no, whole, _ in whole_line_blocks(read, chunk_bytes):
                 yield Chunk(f.path, line_no, index, whole)
-                line_no += lines
-                index += lines
-        if carry:
-            yield Chunk(f.path, line_no, index, carry)
-            index += 1
+                index += whole.count(b"\n") or 1  # a last line without its newline counts once
     if texts:
         yield Chunk("", 1, text_first, texts=texts)
 

@@ -22,11 +22,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from megatron_ext.data.preprocess import PreprocessError
+from megatron_ext.data.preprocess import PreprocessError, whole_line_blocks
 
 TEXT_DOCS_PER = ("file", "paragraph", "line")
 _KNOWN = (".jsonl", ".json", ".txt")
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -159,25 +158,9 @@ def _lines_of(f: InputFile, block_bytes: int, done_before: int) -> Iterator[tupl
         opened = _Opened(f)
     except OSError as e:
         raise PreprocessError(f"{f.path}: cannot open: {e.strerror or e}") from None
-    line_no, carry, first = 1, b"", True
     try:
-        while True:
-            block = opened.read(block_bytes)
-            if first and block.startswith(_UTF8_BOM):
-                block = block[3:]
-            first = False
-            if not block:
-                break
-            data = carry + block if carry else block
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                carry = data
-                continue
-            whole, carry = data[:cut], data[cut:]
-            yield line_no, whole, done_before + opened.consumed()
-            line_no += whole.count(b"\n")
-        if carry:
-            yield line_no, carry, done_before + f.size
+        for line_no, whole, tail in whole_line_blocks(opened.read, block_bytes):
+            yield line_no, whole, done_before + (f.size if tail else opened.consumed())
         opened.close()
     except (OSError, EOFError, zlib.error) as e:
         opened.close(failed=True)
