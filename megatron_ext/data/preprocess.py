@@ -257,6 +257,29 @@ def whole_line_blocks(read: Callable[[int], bytes], block_bytes: int) -> Iterato
         yield line_no, carry, True
 
 
+BLANK_LINE = object()  # what ``json_lines`` gives for an empty or all-space line
+
+
+def json_lines(data: bytes, source: str, first_line: int) -> Iterator[Tuple[int, str, object, Optional[str]]]:
+    """``(index, "file:line", parsed object, problem)`` for each line of a block of whole lines:
+    the object is ``BLANK_LINE`` for a blank line; ``problem`` says why a line does not parse
+    (invalid UTF-8, malformed JSON), and is None otherwise."""
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    for i, raw in enumerate(lines):
+        where = f"{source}:{first_line + i}"
+        if not raw.strip():
+            yield i, where, BLANK_LINE, None
+            continue
+        try:
+            yield i, where, json.loads(raw.decode("utf-8")), None
+        except UnicodeDecodeError as e:
+            yield i, where, None, f"not valid UTF-8 at byte {e.start}"
+        except ValueError as e:
+            yield i, where, None, f"malformed JSON: {e}"
+
+
 def read_chunks(files: Sequence[InputFile], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
     """Cut the inputs into chunks of about ``chunk_bytes``, never splitting a line."""
     index = 0  # physical lines (JSON) or files (text) so far, across all inputs
@@ -381,21 +404,12 @@ class ChunkEncoder:
                 doc_index.append(chunk.first_index + i)
         else:
             out.input_bytes = len(chunk.data)
-            lines = chunk.data.split(b"\n")
-            if chunk.data.endswith(b"\n"):
-                lines.pop()
-            for i, raw in enumerate(lines):
-                where = f"{chunk.source}:{chunk.first_line + i}"
-                if not raw.strip():
+            for i, where, obj, problem in json_lines(chunk.data, chunk.source, chunk.first_line):
+                if problem is not None:
+                    self._bad(out, where, problem)
+                    continue
+                if obj is BLANK_LINE:
                     out.blank_lines += 1
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    self._bad(out, where, f"not valid UTF-8 at byte {e.start}")
-                    continue
-                except ValueError as e:
-                    self._bad(out, where, f"malformed JSON: {e}")
                     continue
                 fields = self._fields(obj, where, out)
                 if fields is None:

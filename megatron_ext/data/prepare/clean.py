@@ -4,7 +4,6 @@ whole corpus (which digest came first) is left to the main thread.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_ext.data.preprocess import PreprocessError
+from megatron_ext.data.preprocess import BLANK_LINE, PreprocessError, json_lines
 from megatron_ext.data.prepare.dedup import digest, digests_array
 from megatron_ext.data.prepare.filters import DocumentFilter
 from megatron_ext.data.prepare.inputs import RawBlock
@@ -63,21 +62,12 @@ class Cleaner:
                 except UnicodeDecodeError as e:
                     self._bad(out, where, f"not valid UTF-8 at byte {e.start}")
             return
-        lines = block.jsonl.split(b"\n")
-        if block.jsonl.endswith(b"\n"):
-            lines.pop()
-        for i, raw in enumerate(lines):
-            where = f"{block.source}:{block.first_line + i}"
-            if not raw.strip():
+        for _, where, obj, problem in json_lines(block.jsonl, block.source, block.first_line):
+            if problem is not None:
+                self._bad(out, where, problem)
+                continue
+            if obj is BLANK_LINE:
                 out.counts["blank_lines"] += 1
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                self._bad(out, where, f"not valid UTF-8 at byte {e.start}")
-                continue
-            except ValueError as e:
-                self._bad(out, where, f"malformed JSON: {e}")
                 continue
             if not isinstance(obj, dict):
                 self._bad(out, where, f"expected a JSON object, got {type(obj).__name__}")
