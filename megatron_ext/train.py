@@ -12,7 +12,6 @@ import sys
 from argparse import Namespace
 from typing import Optional, Sequence
 
-from megatron_ext import console
 from megatron_ext.sparsity.plugin import MaskLLM
 from megatron_ext import training
 
@@ -43,7 +42,6 @@ def pretrain(argv: Sequence[str] | Namespace | None = None, model_factory=None) 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_ext.errors import MegatronExtError, report
 
-    console.quiet_third_party_warnings()
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
         build_parser().print_help()

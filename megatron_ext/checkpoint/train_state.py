@@ -77,17 +77,16 @@ def save_training_checkpoint(save_dir: str | os.PathLike, iteration: int, cfg: L
     """Collective: save iteration ``iteration``. Returns its directory on every rank."""
     save_dir = Path(save_dir)
     tp_size, tp_rank = platform.tp_size(), platform.tp_rank()
+    final = save_dir / iteration_dir_name(iteration)
+    tmp = temporary_dir(final)  # the name every rank writes into; rank 0 creates it
     error: Optional[BaseException] = None
-    tmp = None
     if platform.is_rank0():
         try:
-            tmp = begin_save(save_dir, iteration)
+            begin_save(save_dir, iteration)
         except CheckpointError as e:
             error = e
     if not platform.all_agree(error is None):
         raise error or CheckpointError(f"--save {save_dir}: rank 0 could not prepare the checkpoint directory")
-    final = save_dir / iteration_dir_name(iteration)
-    tmp = temporary_dir(final)
     dtype = next((p.dtype for n, p in model.named_parameters() if not n.endswith(LOGITS_SUFFIX)), torch.float32)
     if platform.dp_rank() == 0:  # one replica of each TP rank writes
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -112,8 +113,6 @@ class MaskLLM(TrainerPlugin):
             raise ArgsError("--prior-strength needs --prior-mask PATH (a one-shot checkpoint with hard_mask entries)")
         if args.prior_mask is not None and args.prior_strength is None:
             raise ArgsError("--prior-mask needs --prior-strength (e.g. 3.0)")
-        import os
-
         if args.prior_mask is not None and not os.path.exists(args.prior_mask):
             raise ArgsError(f"--prior-mask {args.prior_mask}: no such checkpoint or file")
         args.weight_reg = args.weight_reg or 0.0
