@@ -237,7 +237,7 @@ def _split_datasets(prefix: str, ratios_matrix, sizes: Sequence[Optional[int]],
     out: List[Optional[GPTDataset]] = []
     for split in Split:
         bounds = ratios_matrix[split.value]
-        if bounds is None:
+        if bounds is None or sizes[split.value] == 0:   # no share, or nothing asked of it
             out.append(None)
             continue
         beg = int(round(bounds[0] * float(n)))
@@ -249,7 +249,9 @@ def _split_datasets(prefix: str, ratios_matrix, sizes: Sequence[Optional[int]],
 
 def build_gpt_datasets(config: GPTDatasetConfig, data_path: Union[str, Sequence[str], Blend],
                        split: str, sizes: Sequence[Optional[int]]) -> List[Optional[object]]:
-    """Train, valid and test datasets (``None`` for an empty split), as megatron-core builds them.
+    """Train, valid and test datasets, as megatron-core builds them; ``None`` for a split
+    with no share in ``split`` or with 0 samples requested (it is not built, so a split that
+    would be empty is only an error when samples are asked of it).
 
     Args:
         config: the sample configuration (sequence length, seed, cache, ...).
@@ -258,7 +260,7 @@ def build_gpt_datasets(config: GPTDatasetConfig, data_path: Union[str, Sequence[
         split: ``--split``, e.g. ``"98,2,0"``.
         sizes: samples per split, e.g. ``[train_iters * global_batch_size, eval_iters *
             global_batch_size * (train_iters // eval_interval + 1), eval_iters *
-            global_batch_size]``; ``None`` for one epoch (unweighted blends only).
+            global_batch_size]``; ``None`` for one epoch (unweighted blends only); 0 skips the split.
     """
     if len(sizes) != len(Split):
         raise ValueError(f"sizes needs {len(Split)} entries (train, valid, test), got {len(sizes)}")
@@ -280,13 +282,13 @@ def build_gpt_datasets(config: GPTDatasetConfig, data_path: Union[str, Sequence[
         targets = samples_per_dataset(weights, sizes)
         buffers = samples_per_dataset(weights, sizes, surplus=config.mid_level_dataset_surplus)
     else:
-        buffers = [[None] * len(Split) for _ in prefixes]
+        buffers = [[0 if size == 0 else None for size in sizes] for _ in prefixes]
     per_prefix = [_split_datasets(p, matrix, b, config) for p, b in zip(prefixes, buffers)]
 
     blended: List[Optional[object]] = [None] * len(Split)
     for split_ in Split:
         i = split_.value
-        if matrix[i] is None:
+        if matrix[i] is None or sizes[i] == 0:
             continue
         datasets = [per_prefix[k][i] for k in range(len(prefixes))]
         if weights is not None:
