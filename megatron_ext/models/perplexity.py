@@ -28,10 +28,17 @@ class PerplexityError(InputError):
 @dataclass
 class PerplexityResult:
     ppl: float
+    accuracy: float      # next-token top-1 accuracy: correct / tokens
     tokens: int          # predicted tokens: windows * (seq_length - 1)
+    correct: int         # predicted tokens whose arg-max is the next token
     nll_sum: float       # sum of the per-token negative log-likelihoods (nats)
     windows: int
-    window_nll: list[float]  # per-window NLL sums, in window order (this process's share filled)
+    window_nll: list[float]  # per-window NLL sums, in window order
+
+    @property
+    def loss(self) -> float:
+        """Mean NLL per predicted token (nats)."""
+        return self.nll_sum / self.tokens
 
     def line(self) -> str:
         return f"PPL {self.ppl:.6f} tokens {self.tokens}"
@@ -83,30 +90,65 @@ def token_nll(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int) -> 
     The model returns this rank's vocabulary shard of the logits; entries past the
     true ``vocab_size`` are set to -inf before the vocabulary-parallel cross entropy.
     """
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    logits = next_token_logits(model, tokens, vocab_size)
+    return vocab_parallel_cross_entropy(logits, tokens[:, 1:].contiguous())
+
+
+def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """This rank's vocabulary shard of the logits predicting ``tokens[:, 1:]``: ``[b, s-1, V/tp]``
+    float32, contiguous, Megatron's padding rows at -inf."""
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     logits = model(tokens, position_ids, None)  # [b, s, V/tp]
+    return padded_vocab_mask(logits[:, :-1].float(), vocab_size).contiguous()
+
+
+def padded_vocab_mask(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``logits`` (this rank's vocabulary shard, last dim) with Megatron's padding rows
+    (ids >= ``vocab_size``) at -inf."""
+    from megatron.core import parallel_state
+
     shard = logits.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * shard
-    logits = logits[:, :-1].float()
-    if start + shard > vocab_size:
-        pad = torch.arange(start, start + shard, device=logits.device) >= vocab_size
-        logits = logits.masked_fill(pad, float("-inf"))
-    return vocab_parallel_cross_entropy(logits.contiguous(), tokens[:, 1:].contiguous())
+    if start + shard <= vocab_size:
+        return logits
+    pad = torch.arange(start, start + shard, device=logits.device) >= vocab_size
+    return logits.masked_fill(pad, float("-inf"))
+
+
+def vocab_parallel_top1(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The global arg-max token id ``[...]`` of vocabulary-parallel ``logits`` ``[..., V/tp]``
+    (padding rows excluded; ties go to the smallest id, as ``argmax`` on the whole row)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    logits = padded_vocab_mask(logits.float(), vocab_size)
+    value, index = logits.max(dim=-1)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return index
+    group = parallel_state.get_tensor_model_parallel_group()
+    index = index + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    best = value.clone()
+    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+    candidate = torch.where(value == best, index, torch.full_like(index, torch.iinfo(index.dtype).max))
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+    return candidate
 
 
 @torch.no_grad()
 def evaluate_windows(model: torch.nn.Module, windows: np.ndarray, vocab_size: int, micro_batch_size: int = 1,
                      device: torch.device | str = "cpu") -> PerplexityResult:
-    """Perplexity of ``windows`` ([n, s] token ids) under ``model`` (this TP rank's shard).
+    """Perplexity and next-token top-1 accuracy of ``windows`` ([n, s] token ids) under
+    ``model`` (this TP rank's shard).
 
     Windows are dealt round-robin to the data-parallel ranks; every rank of a TP
     group computes the same windows. Returns the all-reduced result on every rank.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     if micro_batch_size < 1:
         raise PerplexityError(f"--micro-batch-size must be >= 1, got {micro_batch_size}")
@@ -118,21 +160,27 @@ def evaluate_windows(model: torch.nn.Module, windows: np.ndarray, vocab_size: in
     dp_size = parallel_state.get_data_parallel_world_size()
     n, s = windows.shape
     mine = list(range(dp_rank, n, dp_size))
-    per_window = torch.zeros(n, dtype=torch.float64)
+    per_window = torch.zeros(2, n, dtype=torch.float64)  # NLL sum, correct predictions
     model.eval()
     for i in range(0, len(mine), micro_batch_size):
         idx = mine[i:i + micro_batch_size]
         batch = torch.from_numpy(windows[idx]).to(device)
-        nll = token_nll(model, batch, vocab_size)
-        per_window[idx] = nll.double().sum(dim=1).cpu()
+        targets = batch[:, 1:].contiguous()
+        logits = next_token_logits(model, batch, vocab_size)
+        # the arg-max first: the cross entropy may work in place on the logits
+        correct = (vocab_parallel_top1(logits, vocab_size) == targets).sum(dim=1)
+        nll = vocab_parallel_cross_entropy(logits, targets)
+        per_window[0, idx] = nll.double().sum(dim=1).cpu()
+        per_window[1, idx] = correct.double().cpu()
     if dp_size > 1:  # NCCL reduces device tensors only
         reduced = per_window.to(device)
         dist.all_reduce(reduced, group=parallel_state.get_data_parallel_group())
         per_window = reduced.cpu()
-    total = float(per_window.sum())
+    total = float(per_window[0].sum())
+    correct_total = int(per_window[1].sum())
     count = n * (s - 1)
-    return PerplexityResult(ppl=math.exp(total / count), tokens=count, nll_sum=total, windows=n,
-                            window_nll=per_window.tolist())
+    return PerplexityResult(ppl=math.exp(total / count), accuracy=correct_total / count, tokens=count,
+                            correct=correct_total, nll_sum=total, windows=n, window_nll=per_window[0].tolist())
 
 
 # --------------------------------------------------------------------------- checkpoints
