@@ -1,36 +1,42 @@
-"""2:4 semi-structured sparse inference against dense bf16: per LLaMA-2-7B linear, and a whole prefill.
+"""2:4 sparse inference against dense bf16 on the GPU: kernels, a whole prefill, decode, memory.
 
-(i) ``F.linear(x, W)`` for each LLaMA-2-7B linear shape (weight [out, in]: qkv 12288x4096,
-    proj 4096x4096, fc1 22016x4096, fc2 4096x11008) at ``--tokens`` rows of ``x`` (4096, a
-    prefill, and 16, decode-like): the dense bf16 weight against the same weight 2:4-pruned by
-    magnitude and converted by ``torch.sparse.to_sparse_semi_structured``, once per backend
-    available (cuSPARSELt, and CUTLASS through ``SparseSemiStructuredTensor._FORCE_CUTLASS``).
-(ii) A prefill of ``--prefill`` tokens (batch 1) through a LLaMA-2-7B-shaped model in bf16 with
-    random weights, every q/k/v/o/gate/up/down projection 2:4-pruned by magnitude:
-    the dense masked model, then the same weights as semi-structured sparse tensors. The model
-    is transformers' ``LlamaForCausalLM`` built from a config on the GPU (``--model-impl hf``,
-    the default where transformers is installed) or our megatron-core ``GPTModel`` in inference
-    mode (``--model-impl megatron``). Reported: prefill latency, speed-up, weight memory, and
-    the sparse logits against the dense masked logits. A sparse model passes when that
-    difference is at most 3x the dense bf16 model's own difference from an fp32 run of the
-    same weights (the scale of bf16 rounding), or 1e-3.
-
-Times are CUDA-event averages over back-to-back calls after warm-up (Python dispatch of the
-sparse tensor subclass included).
+(i) Single linears, ``y = x W^T`` for each LLaMA-2-7B projection as our inference model fuses
+    them (weight [out, in]: qkv 12288x4096, o 4096x4096, gate_up 22016x4096, down 4096x11008)
+    at ``--tokens`` rows of x: dense bf16, PyTorch's ``to_sparse_semi_structured`` (the old
+    path), and cuSPARSELt called directly (``torch._cslt_sparse_mm`` on a weight compressed
+    once) step by step: algorithm 0 with the result transposed by a copy, the fused transpose,
+    the searched algorithm; each timed eagerly (host launches included) and from a CUDA graph
+    (GPU time alone). Ratios are dense / variant in the same mode.
+(ii) The kernel table ``megatron_ext.inference`` measures at load (which kernel per shape and
+    token count).
+(iii) A ``--prefill``-token prefill (batch 1) of a LLaMA-2-7B-shaped model with random weights
+    (std 0.02), every projection 2:4-pruned by magnitude, built by the same code that loads an
+    exported Hugging Face directory (``model_from_state_dict``): dense bf16 against the 2:4
+    model, eager and from a CUDA graph; transformers' ``LlamaForCausalLM`` on the same weights
+    where installed, for scale. The sparse logits pass when they differ from the dense masked
+    logits by at most 3x the dense bf16 model's own difference from an fp32 run of the same
+    weights (the scale of bf16 rounding), or 1e-3.
+(iv) Decode: one step (batch 1 and 16, one new token each, over a ``--context``-token cache)
+    replayed from a CUDA graph, and a greedy generation of ``--new-tokens`` tokens (tokens/s).
+(v) Memory: the projections' weights on the GPU, dense against sparse.
+(vi) ``tools/generate.py`` on a small exported directory (with the sample tokenizer).
 
     python benchmarks/bench_sparse_infer_gpu.py [--out FILE]      # GPU
-    python benchmarks/bench_sparse_infer_gpu.py --tiny            # CPU: the pruning and layout checks
+    python benchmarks/bench_sparse_infer_gpu.py --tiny            # small shapes; on a CPU the checks only
 
-On a machine without CUDA, ``--tiny`` checks what runs on the CPU (magnitude pruning, the
-CUTLASS compressed layout round trip, the masked models and the logits comparison), then
-says that the rest needs CUDA and exits 0.
+Without CUDA, ``--tiny`` checks what runs on a CPU (the 2:4 layout round trip, the loader's
+fallback to dense masked weights, ``tools/generate.py``) and exits 0.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
+import io
 import os
 import sys
+import tempfile
+import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -38,86 +44,28 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_common import emit, environment  # noqa: E402
-from megatron_ext import platform  # noqa: E402
+from megatron_ext.inference import (DecodeGraph, greedy_generate, model_from_state_dict, pack_2of4,  # noqa: E402
+                                    projection_shapes, sparse_kernels_available, unpack_2of4)
+from megatron_ext.inference.sparse import (DEFAULT_TOKEN_COUNTS, _graph_ms, magnitude_2of4_mask,  # noqa: E402
+                                           measure_table, pad_rows)
 from megatron_ext.models import get_config  # noqa: E402
-from megatron_ext.sparsity.nm import check_nm  # noqa: E402
-from megatron_ext.sparsity.oneshot import magnitude_mask  # noqa: E402
 
-N, M = 2, 4
-# LLaMA-2-7B's linears as megatron-core fuses them, weight [out, in]
-LLAMA2_7B_SHAPES = {"qkv": (12288, 4096), "proj": (4096, 4096), "fc1": (22016, 4096), "fc2": (4096, 11008)}
-# A small model whose shapes still meet both backends' minimum sizes (rows % 32, columns % 64)
-TINY_OVERRIDES = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=4, num_layers=2)
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BACKENDS = ("cuSPARSELt", "CUTLASS")
+TINY_OVERRIDES = dict(hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=4, num_layers=2)
 
 
-# --------------------------------------------------------------------------- pruning and conversion
-
-
-@torch.no_grad()
-def prune_2of4_(weight: torch.Tensor) -> torch.Tensor:
-    """Zero, in place, the 2 smallest-magnitude weights of every 4 consecutive inputs."""
-    weight.mul_(magnitude_mask(weight, N, M).to(weight.dtype))
-    return weight
-
-
-def available_backends() -> list[str]:
-    """cuSPARSELt where torch was built with it; CUTLASS on any CUDA build."""
-    if not platform.has_cuda():
-        return []
-    return [b for b in BACKENDS if b != "cuSPARSELt" or torch.backends.cusparselt.is_available()]
-
-
-def to_semi_structured(weight: torch.Tensor, backend: str):
-    """``to_sparse_semi_structured(weight)`` through ``backend`` (the flag picks the subclass)."""
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
-
-    previous = SparseSemiStructuredTensor._FORCE_CUTLASS
-    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "CUTLASS"
-    try:
-        return to_sparse_semi_structured(weight.contiguous())
-    finally:
-        SparseSemiStructuredTensor._FORCE_CUTLASS = previous
-
-
-def sparse_bytes(t) -> int:
-    """Bytes a semi-structured tensor holds (kept values, metadata, transposed copies if any)."""
-    parts = (getattr(t, name, None) for name in ("packed", "meta", "packed_t", "meta_t",
-                                                 "compressed_swizzled_bitmask"))
-    return sum(p.numel() * p.element_size() for p in parts if p is not None)
-
-
-def check_cutlass_layout(weight: torch.Tensor) -> None:
-    """The 2:4 weight survives the round trip through CUTLASS's compressed layout (values +
-    metadata), computed by torch's reference conversion, which runs on any device."""
-    from torch.sparse._semi_structured_conversions import (sparse_semi_structured_from_dense_cutlass,
-                                                           sparse_semi_structured_to_dense_cutlass)
-
-    packed, meta = sparse_semi_structured_from_dense_cutlass(weight)
-    if packed.numel() * 2 != weight.numel() or not torch.equal(sparse_semi_structured_to_dense_cutlass(packed, meta),
-                                                               weight):
-        raise AssertionError(f"weight {list(weight.shape)}: the CUTLASS compressed layout does not round-trip")
-
-
-def check_pruned(weight: torch.Tensor, original: torch.Tensor, what: str) -> None:
-    """Exactly 2 of every 4 kept, and the kept ones are the largest in magnitude."""
-    if not check_nm(weight, N, M, exact=True):
-        raise AssertionError(f"{what}: not exactly {N}:{M} after pruning")
-    groups = original.float().abs().reshape(original.shape[0], -1, M)
-    kept = (weight != 0).reshape(groups.shape)
-    if (groups.masked_fill(~kept, float("inf")).amin(-1) < groups.masked_fill(kept, 0).amax(-1)).any():
-        raise AssertionError(f"{what}: a dropped weight is larger than a kept one")
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` in fp32."""
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def cuda_ms(fn, warmup: int, iters: int) -> float:
-    """Mean milliseconds per call of ``iters`` back-to-back calls, after ``warmup`` calls."""
+def eager_ms(fn, warmup: int, iters: int) -> float:
+    """Mean milliseconds per call of back-to-back calls (host launches included)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -130,259 +78,352 @@ def cuda_ms(fn, warmup: int, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def _failure(e: Exception) -> str:
-    first = (str(e).splitlines() or [""])[0][:100].replace("|", "/")
-    return f"unsupported ({type(e).__name__}: {first})"
+class Graphed:
+    """``fn()`` captured once in a CUDA graph; calling replays it."""
+
+    def __init__(self, fn):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+
+    def __call__(self):
+        self.graph.replay()
+        return self.out
 
 
 # --------------------------------------------------------------------------- (i) single linears
 
 
-def sparse_linear_cell(x, w_s, dense_out, dense_ms: float, opts) -> str:
-    """``ms | speed-up`` of ``F.linear(x, w_s)``, or why there is none (a conversion or matmul
-    this GPU or build does not support, or a result that differs from the dense one)."""
-    if isinstance(w_s, str):
-        return f"{w_s} |"
-    try:
-        err = rel_diff(F.linear(x, w_s), dense_out)
-        if err > 1e-2:
-            return f"wrong result (rel. diff {err:.2e}) |"
-        ms = cuda_ms(lambda: F.linear(x, w_s), opts.warmup, opts.iters)
-    except Exception as e:  # noqa: BLE001
-        return f"{_failure(e)} |"
-    return f"{ms:.4f} | {dense_ms / ms:.2f}x"
+def fused_shapes(cfg) -> dict:
+    return {"qkv": projection_shapes(cfg)["qkv"], "o": projection_shapes(cfg)["o"],
+            "gate_up": projection_shapes(cfg)["gate_up"], "down": projection_shapes(cfg)["down"]}
 
 
 @torch.no_grad()
-def bench_linears(shapes: dict, tokens: list[int], backends: list[str], opts) -> list[str]:
-    dev = platform.device()
-    gen = torch.Generator(device=dev).manual_seed(0)
-    header = "| linear | W [out, in] | tokens | dense ms | dense TFLOP/s |" + "".join(
-        f" {b} ms | {b} speed-up |" for b in backends)
-    lines = [header, "|" + "---|" * (5 + 2 * len(backends))]
-    for name, (out_f, in_f) in shapes.items():
-        weight = prune_2of4_(torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02)
-        sparse = {}
-        for b in backends:
+def bench_linears(shapes: dict, tokens: list[int], opts) -> list[str]:
+    from torch.sparse import to_sparse_semi_structured
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lines = ["| linear | W [out, in] | tokens | dense eager ms | dense graph ms | old path (eager) | cuSPARSELt alg 0, "
+             "copy transpose (graph) | + fused transpose (graph) | + searched alg (graph) | + searched alg (eager) "
+             "| host us/call, direct | best sparse graph ms | rel. diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (o, i) in shapes.items():
+        w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+        w = w * magnitude_2of4_mask(w)
+        wc = torch._cslt_compress(w)
+        ws = to_sparse_semi_structured(w)
+        for t in tokens:
+            x = torch.randn(t, i, device="cuda", dtype=torch.bfloat16, generator=gen)
+            xp = pad_rows(x)
+            ref = F.linear(x, w)
+            alg = int(torch._cslt_sparse_mm_search(wc, xp.t(), transpose_result=True))
+            dense = lambda: F.linear(x, w)  # noqa: E731
+            old = lambda: F.linear(xp, ws)  # noqa: E731
+            copy_t = lambda: torch._cslt_sparse_mm(wc, xp.t()).t().contiguous()  # noqa: E731
+            fused = lambda: torch._cslt_sparse_mm(wc, xp.t(), transpose_result=True)  # noqa: E731
+            best = lambda: torch._cslt_sparse_mm(wc, xp.t(), transpose_result=True, alg_id=alg)  # noqa: E731
+            err = max(rel_diff(f()[:t], ref) for f in (copy_t, fused, best))
+            d_e, d_g = eager_ms(dense, opts.warmup, opts.iters), _graph_ms(dense)
             try:
-                sparse[b] = to_semi_structured(weight, b)
-            except Exception as e:  # noqa: BLE001 - a backend this GPU or build lacks is reported
-                sparse[b] = _failure(e)
-        for n_tok in tokens:
-            x = torch.randn(n_tok, in_f, device=dev, dtype=torch.bfloat16, generator=gen)
-            dense_out = F.linear(x, weight)
-            dense_ms = cuda_ms(lambda: F.linear(x, weight), opts.warmup, opts.iters)
-            tflops = 2 * out_f * in_f * n_tok / dense_ms / 1e9
-            row = f"| {name} | {out_f}x{in_f} | {n_tok} | {dense_ms:.4f} | {tflops:.0f} |"
-            for b in backends:
-                row += f" {sparse_linear_cell(x, sparse[b], dense_out, dense_ms, opts)} |"
-            lines.append(row)
-        del weight, sparse
+                old_e = f"{d_e / eager_ms(old, opts.warmup, opts.iters):.2f}x"
+            except Exception as e:  # noqa: BLE001 - the old path refuses some shapes
+                old_e = f"unsupported ({type(e).__name__})"
+            c_g, f_g, b_g = _graph_ms(copy_t), _graph_ms(fused), _graph_ms(best)
+            b_e = eager_ms(best, opts.warmup, opts.iters)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(opts.iters):
+                best()
+            host_us = (time.perf_counter() - t0) / opts.iters * 1e6
+            torch.cuda.synchronize()
+            lines.append(f"| {name} | {o}x{i} | {t} | {d_e:.4f} | {d_g:.4f} | {old_e} | {d_g / c_g:.2f}x "
+                         f"| {d_g / f_g:.2f}x | {d_g / b_g:.2f}x (alg {alg}) | {d_e / b_e:.2f}x | {host_us:.0f} "
+                         f"| {b_g:.4f} | {err:.1e} |")
+            log(lines[-1])
+        del w, wc, ws
     return lines
 
 
-# --------------------------------------------------------------------------- (ii) a whole prefill
+# --------------------------------------------------------------------------- (iii) the model
 
 
-def build_hf(cfg, dtype):
-    """transformers' LlamaForCausalLM from our config, random weights, on the platform's device."""
-    import transformers
+@torch.no_grad()
+def random_hf_state_dict(cfg, device, seed: int = 0) -> dict:
+    """A Hugging Face LLaMA state dict with random bf16 weights (std 0.02), every projection
+    2:4-pruned by magnitude: what ``tools/export_sparse.py --format hf`` writes, in memory."""
+    from megatron_ext.checkpoint import hf_tensor_shapes
 
-    from megatron_ext.checkpoint import to_hf_config
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for k, shape in hf_tensor_shapes(cfg).items():
+        if len(shape) == 1:
+            sd[k] = torch.ones(shape, dtype=torch.bfloat16, device=device)
+            continue
+        w = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+        if k.rsplit(".", 2)[-2] in HF_PROJECTIONS:
+            w.mul_(magnitude_2of4_mask(w))
+        sd[k] = w
+    return sd
 
-    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa")
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+
+def hf_forward(cfg, sd):
+    """transformers' LlamaForCausalLM on these weights (prefill logits), or None without transformers."""
     try:
-        with torch.device(platform.device()):
-            model = transformers.LlamaForCausalLM(hf_cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    linears = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in HF_PROJECTIONS]
-    return model.eval(), linears, lambda ids: model(input_ids=ids, use_cache=False).logits
+        import transformers
 
-
-def build_megatron(cfg, dtype):
-    """Our megatron-core GPTModel (TP1), random weights, in inference mode."""
-    from megatron_ext.models.build import build_model, forward_logits
-    from megatron_ext.models.spec import LINEAR_NAMES
-
-    platform.init_distributed(1)
-    platform.seed_everything(0)
-    model = build_model(cfg, dtype)
-    linears = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LINEAR_NAMES]
-    return model.eval(), linears, lambda ids: forward_logits(model, ids, cfg.vocab_size)
-
-
-def set_param_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the parameters only (buffers such as rotary frequencies keep their dtype)."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-
-
-def param_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+        from megatron_ext.checkpoint import to_hf_config
+    except ImportError:
+        return None
+    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf_cfg)
+    model.load_state_dict(sd, assign=True, strict=False)
+    model = model.to(torch.bfloat16).eval()
+    inv = model.model.rotary_emb.inv_freq
+    model.model.rotary_emb.inv_freq = (1.0 / (cfg.rotary_base ** (torch.arange(0, cfg.head_dim, 2, device="cuda",
+                                                                                 dtype=torch.float32)
+                                                                    / cfg.head_dim))) if inv.is_meta else inv
+    model.model.rotary_emb.original_inv_freq = model.model.rotary_emb.inv_freq
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
 @torch.no_grad()
-def masked_model(impl: str, cfg, prefill: int):
-    """The model with every projection 2:4-pruned, its forward, and the dense logits (bf16) and
-    their relative difference from an fp32 run of the same weights."""
-    model, linears, forward = (build_hf if impl == "hf" else build_megatron)(cfg, torch.bfloat16)
-    for i, m in enumerate(linears):
-        original = m.weight.detach().clone()
-        check_pruned(prune_2of4_(m.weight.data), original, f"projection {i}")
+def bench_model(cfg, opts, table) -> tuple[list[str], list[str], bool]:
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    sd = random_hf_state_dict(cfg, dev)
+    log(f"random 2:4 state dict: {time.perf_counter() - t0:.1f} s")
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (1, prefill), generator=gen).to(platform.device())
-    set_param_dtype(model, torch.float32)
-    reference = forward(ids).float()
-    set_param_dtype(model, torch.bfloat16)
-    dense = forward(ids)
-    bf16_scale = rel_diff(dense, reference)
-    del reference
-    return model, linears, forward, ids, dense, bf16_scale
+    ids = torch.randint(0, cfg.vocab_size, (1, opts.prefill), generator=gen).to(dev)
+    pos = torch.arange(opts.prefill, device=dev)
+    build = lambda sparse, dtype=torch.bfloat16, keep_dense=True: model_from_state_dict(  # noqa: E731
+        cfg, sd, sparse=sparse, dtype=dtype, device=dev, table=table, keep_dense=keep_dense,
+        max_len=max(opts.prefill, opts.context + opts.new_tokens))
 
+    ref_model = build(False, torch.float32)
+    cache = ref_model.new_cache(1, opts.prefill)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    reference = ref_model(ids, cache, pos, prefill=True).float()
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    del ref_model, cache
+    torch.cuda.empty_cache()
 
-def swap_weights(linears, weights) -> list:
-    """Give each linear a new (frozen) weight; returns the old parameters."""
-    old = [m.weight for m in linears]
-    for m, w in zip(linears, weights):
-        m.weight = w if isinstance(w, torch.nn.Parameter) else torch.nn.Parameter(w, requires_grad=False)
-    return old
-
-
-@torch.no_grad()
-def bench_prefill(impl: str, cfg, backends: list[str], opts) -> tuple[list[str], list[str], bool]:
-    model, linears, forward, ids, dense, bf16_scale = masked_model(impl, cfg, opts.prefill)
+    models = {"dense bf16, 2:4-masked": build(False), "2:4 sparse (kernel table)": build(True)}
+    if any("dense" in table.kernels_for(o, i) for o, i in projection_shapes(cfg).values()):
+        models["2:4 sparse, compressed weights only"] = build(True, keep_dense=False)
+    results, ok = {}, True
+    dense_logits = None
+    for label, model in models.items():
+        cache = model.new_cache(1, opts.prefill)
+        fwd = lambda m=model, c=cache: m(ids, c, pos, prefill=True)  # noqa: E731
+        logits = fwd()
+        e_ms = eager_ms(fwd, opts.prefill_warmup, opts.prefill_iters)
+        g = Graphed(fwd)
+        g_ms = eager_ms(g, opts.prefill_warmup, opts.prefill_iters)
+        g_logits = g().clone()
+        del g
+        torch.cuda.empty_cache()
+        results[label] = dict(eager=e_ms, graph=g_ms, proj=model.projection_bytes(), total=model.weight_bytes(),
+                              logits=logits, graph_diff=rel_diff(g_logits, logits))
+        if dense_logits is None:
+            dense_logits = logits
+        log(f"prefill {label}: eager {e_ms:.2f} ms, graph {g_ms:.2f} ms")
+        del cache, g_logits
+    bf16_scale = rel_diff(dense_logits, reference)
     tol = max(3 * bf16_scale, 1e-3)
-    dense_ms = cuda_ms(lambda: forward(ids), opts.prefill_warmup, opts.prefill_iters)
-    total = param_bytes(model)
-    linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    kind = "transformers LlamaForCausalLM" if impl == "hf" else "megatron-core GPTModel"
-    name = f"{cfg.name} x{cfg.num_layers}L ({kind})"
-    lines = ["| model | weights | prefill tokens | prefill ms | speed-up | weight GiB | logits rel. diff vs dense "
-             "| top-1 agreement | check |", "|---|---|---|---|---|---|---|---|---|",
-             f"| {name} | dense bf16, 2:4-masked | {opts.prefill} | {dense_ms:.2f} | 1.00x | {total / 2**30:.2f} "
-             f"| 0 (fp32 run: {bf16_scale:.2e}) | | reference |"]
-    ok = True
-    for b in backends:
-        old = None
-        try:
-            converted = [to_semi_structured(m.weight, b) for m in linears]
-            held = total - linear_bytes + sum(sparse_bytes(w) for w in converted)
-            old = swap_weights(linears, converted)
-            del converted
-            logits = forward(ids)
-            diff = rel_diff(logits, dense)
-            top1 = float((logits.argmax(-1) == dense.argmax(-1)).float().mean())
-            del logits
-            ms = cuda_ms(lambda: forward(ids), opts.prefill_warmup, opts.prefill_iters)
-            passed = diff <= tol
+    hf_ms = None
+    try:
+        hf = hf_forward(cfg, sd)
+        if hf is not None:
+            hf_logits = hf(ids)
+            hf_ms = eager_ms(lambda: hf(ids), opts.prefill_warmup, opts.prefill_iters)
+            hf_diff = rel_diff(hf_logits, dense_logits)
+            del hf, hf_logits
+    except Exception as e:  # noqa: BLE001 - transformers' API moves; the row says so
+        log(f"transformers model: {type(e).__name__}: {e}")
+        hf_ms = None
+    torch.cuda.empty_cache()
+
+    name = f"{cfg.name} x{cfg.num_layers}L"
+    d = results["dense bf16, 2:4-masked"]
+    lines = [f"Prefill of {opts.prefill} tokens, batch 1 ({name}, our inference model); mean of "
+             f"{opts.prefill_iters} after {opts.prefill_warmup}; speed-up against the dense row in the same mode:", "",
+             "| weights | eager ms | eager speed-up | CUDA graph ms | graph speed-up | projection GiB | ratio "
+             "| logits rel. diff vs dense | top-1 agreement | check |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        diff = rel_diff(r["logits"], dense_logits)
+        top1 = float((r["logits"].argmax(-1) == dense_logits.argmax(-1)).float().mean())
+        passed = diff <= tol
+        if label != "dense bf16, 2:4-masked":
             ok &= passed
-            lines.append(f"| {name} | 2:4 sparse, {b} | {opts.prefill} | {ms:.2f} | {dense_ms / ms:.2f}x "
-                         f"| {held / 2**30:.2f} | {diff:.2e} | {top1:.2%} "
-                         f"| {'pass' if passed else 'FAIL'} (<= {tol:.1e}) |")
-        except Exception as e:  # noqa: BLE001 - a backend this GPU or build lacks is reported
-            lines.append(f"| {name} | 2:4 sparse, {b} | {opts.prefill} | {_failure(e)} | | | | | |")
-        finally:
-            if old is not None:
-                swap_weights(linears, old)
-    notes = [f"- End to end: {name}, random weights (std 0.02), every q/k/v/o/gate/up/down projection 2:4-pruned "
-             "by magnitude; embedding and output layer dense. Weight GiB counts what each model needs (the sparse "
-             "rows: kept values + metadata of the projections, the rest dense).",
-             f"- Logits check: the dense bf16 model differs from an fp32 run of the same weights by {bf16_scale:.2e} "
-             f"(relative L2); a sparse model passes when it differs from the dense masked logits by at most "
-             f"{tol:.1e} (3x that, at least 1e-3)."]
+        lines.append(f"| {label} | {r['eager']:.2f} | {d['eager'] / r['eager']:.2f}x | {r['graph']:.2f} "
+                     f"| {d['graph'] / r['graph']:.2f}x | {r['proj'] / 2**30:.2f} | {r['proj'] / d['proj']:.3f} "
+                     f"| {diff:.2e} | {top1:.2%} | {'reference' if r is d else ('pass' if passed else 'FAIL')} |")
+    if hf_ms is not None:
+        lines.append(f"| transformers LlamaForCausalLM, dense bf16 (same weights) | {hf_ms:.2f} "
+                     f"| {d['eager'] / hf_ms:.2f}x | | | | | {hf_diff:.2e} | | for scale |")
+    notes = [f"- Logits check: the dense bf16 model differs from an fp32 run of the same weights by {bf16_scale:.2e} "
+             f"(relative L2); a sparse model passes at most {tol:.1e} (3x that, at least 1e-3) from the dense "
+             f"masked logits. CUDA-graph logits equal eager ones within "
+             f"{max(r['graph_diff'] for r in results.values()):.1e}."]
+    for r in results.values():
+        del r["logits"]
+
+    # decode
+    lines += ["", f"Decode: one step over a {opts.context}-token cache, replayed from a CUDA graph "
+                  f"(median of {opts.decode_iters}), and greedy generation of {opts.new_tokens} tokens after a "
+                  f"{opts.context}-token prompt (batch 1, the host reads each token):", "",
+              "| weights | step ms, batch 1 | speed-up | step ms, batch 16 | speed-up | generation tokens/s "
+              "| speed-up | tokens equal to dense |", "|---|---|---|---|---|---|---|---|"]
+    prompt = torch.randint(0, cfg.vocab_size, (opts.context,), generator=gen).tolist()
+    dec = {}
+    for label, model in models.items():
+        row = {}
+        for b in (1, 16):
+            cache = model.new_cache(b, opts.context + 1)
+            step = DecodeGraph(model, cache, batch=b)
+            ids1 = torch.randint(0, cfg.vocab_size, (b, 1), device=dev)
+            times = []
+            for _ in range(opts.decode_iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(ids1, opts.context)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            row[b] = sorted(times)[len(times) // 2]
+            del step, cache
+            torch.cuda.empty_cache()
+        greedy_generate(model, prompt[:16], 2)
+        g = greedy_generate(model, prompt, opts.new_tokens)
+        row["tps"], row["tokens"] = g.decode_tokens_per_s, g.tokens
+        dec[label] = row
+        log(f"decode {label}: {row[1]:.3f} ms (b1), {row[16]:.3f} ms (b16), {row['tps']:.1f} tokens/s")
+    dd = dec["dense bf16, 2:4-masked"]
+    for label, row in dec.items():
+        same = sum(a == b for a, b in zip(row["tokens"], dd["tokens"]))
+        lines.append(f"| {label} | {row[1]:.3f} | {dd[1] / row[1]:.2f}x | {row[16]:.3f} | {dd[16] / row[16]:.2f}x "
+                     f"| {row['tps']:.1f} | {row['tps'] / dd['tps']:.2f}x | {same} of {len(dd['tokens'])} |")
+    del models, sd
+    torch.cuda.empty_cache()
     return lines, notes, ok
 
 
-# --------------------------------------------------------------------------- CPU checks and main
+# --------------------------------------------------------------------------- (vi) and the CPU checks
 
 
-def cpu_checks(shapes: dict, cfg, impls: list[str], prefill: int) -> list[str]:
-    """What runs without CUDA: pruning, the CUTLASS layout round trip, the masked models."""
+def generate_tool_check(device_note: str) -> list[str]:
+    """Write a small exported 2:4 directory with the sample tokenizer; run tools/generate.py on it."""
+    import importlib.util
+
+    import sentencepiece
+
+    from megatron_ext.checkpoint import save_hf_checkpoint
+
+    tok_dir = os.path.join(REPO, "examples", "data")
+    vocab = sentencepiece.SentencePieceProcessor(model_file=os.path.join(tok_dir, "tokenizer.model")).vocab_size()
+    cfg = get_config("tiny", **TINY_OVERRIDES).replace(vocab_size=vocab)
+    sd = {k: v.cpu() for k, v in random_hf_state_dict(cfg, torch.device("cpu"), seed=3).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = save_hf_checkpoint(os.path.join(tmp, "hf"), cfg, sd, dtype="fp16", tokenizer_dir=tok_dir)
+        spec = importlib.util.spec_from_file_location("tool_generate", os.path.join(REPO, "tools", "generate.py"))
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = tool.main(["--load", str(out), "--prompt", "To be, or not to be", "--max-new-tokens", "12",
+                            "--kernel-table", os.path.join(tmp, "table.json")])
+    text = buf.getvalue().strip().splitlines()
+    if rc != 0:
+        raise AssertionError(f"tools/generate.py returned {rc}")
+    return [f"- tools/generate.py on a small exported 2:4 directory ({device_note}), its output:", "", "```"] + \
+        text + ["```"]
+
+
+def cpu_checks() -> list[str]:
     gen = torch.Generator().manual_seed(0)
     out = []
-    for name, (out_f, in_f) in shapes.items():
-        original = torch.randn(out_f, in_f, generator=gen).to(torch.bfloat16)
-        weight = prune_2of4_(original.clone())
-        check_pruned(weight, original, name)
-        check_cutlass_layout(weight)
-        out.append(f"- {name} [{out_f}, {in_f}]: 2:4 magnitude pruning and the CUTLASS layout round trip: ok")
-    for impl in impls:
-        model, linears, _, _, _, scale = masked_model(impl, cfg, prefill)
-        for m in linears:
-            check_cutlass_layout(m.weight.detach())
-        out.append(f"- {impl} model ({len(linears)} projections): pruned 2:4, layouts round-trip; dense bf16 logits "
-                   f"vs fp32 run: rel. diff {scale:.2e}")
-        del model, linears
+    for o, i in ((768, 256), (256, 512)):
+        w = torch.randn(o, i, generator=gen).to(torch.bfloat16)
+        w = w * magnitude_2of4_mask(w)
+        values, meta = pack_2of4(w)
+        if not torch.equal(unpack_2of4(values, meta), w):
+            raise AssertionError(f"[{o}, {i}]: the 2:4 layout does not round-trip")
+        out.append(f"- W [{o}, {i}]: 2:4 pack/unpack round trip: ok ({values.numel() * 2 + meta.numel()} bytes "
+                   f"for {w.numel() * 2})")
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="4096,16", help="rows of x in the single-linear timings")
+    p.add_argument("--tokens", default="4096,16,1", help="rows of x in the single-linear timings")
     p.add_argument("--prefill", type=int, default=4096, help="prefill tokens of the end-to-end run")
+    p.add_argument("--context", type=int, default=512, help="cache length of the decode timings")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens of the timed greedy generation")
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--layers", type=int, help="layers of the end-to-end model (default: all)")
-    p.add_argument("--model-impl", choices=["auto", "hf", "megatron"], default="auto",
-                   help="auto: transformers' LlamaForCausalLM where transformers is installed, else megatron-core")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma list of cuSPARSELt, CUTLASS")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--prefill-warmup", type=int, default=2)
-    p.add_argument("--prefill-iters", type=int, default=5)
+    p.add_argument("--prefill-iters", type=int, default=10)
+    p.add_argument("--decode-iters", type=int, default=50)
     p.add_argument("--skip-linears", action="store_true")
-    p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--skip-model", action="store_true")
     p.add_argument("--out", help="also write the tables to this file")
     p.add_argument("--tiny", action="store_true", help="small shapes; on a CPU only the checks that need no CUDA")
     opts = p.parse_args(argv)
-    wanted = [b.strip() for b in opts.backends.split(",") if b.strip()]
-    if any(b not in BACKENDS for b in wanted):
-        p.error(f"--backends: choose from {', '.join(BACKENDS)}, got {opts.backends!r}")
-    has_hf = importlib.util.find_spec("transformers") is not None
-    if opts.model_impl == "hf" and not has_hf:
-        p.error("--model-impl hf: transformers is not installed (use --model-impl megatron)")
-    impl = opts.model_impl if opts.model_impl != "auto" else ("hf" if has_hf else "megatron")
-
-    shapes, tokens = LLAMA2_7B_SHAPES, [int(t) for t in opts.tokens.split(",")]
     cfg = get_config(opts.model, **({"num_layers": opts.layers} if opts.layers else {}))
+    tokens = [int(t) for t in opts.tokens.split(",")]
     if opts.tiny:
         cfg = get_config("tiny", **TINY_OVERRIDES)
-        h, f = cfg.hidden_size, cfg.ffn_hidden_size
-        shapes = {"qkv": (3 * h, h), "proj": (h, h), "fc1": (2 * f, h), "fc2": (h, f)}
-        tokens, opts.prefill = [64, 16], 128
-    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, opts.prefill))
+        tokens, opts.prefill, opts.context = [64, 16, 1], 128, 64
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, opts.prefill, opts.context + 64))
 
-    if not platform.has_cuda():
+    if not sparse_kernels_available():
         if not opts.tiny:
-            p.error("needs CUDA: semi-structured sparse matmuls run only on CUDA GPUs "
-                    "(--tiny checks the rest on a CPU)")
-        lines = cpu_checks(shapes, cfg, ["hf", "megatron"] if has_hf else ["megatron"], opts.prefill)
-        lines.append("- needs CUDA: to_sparse_semi_structured and the sparse matmuls run only on CUDA GPUs; "
-                     "the timings were skipped (the CPU checks above passed)")
+            p.error("needs a CUDA GPU with cuSPARSELt (--tiny checks the rest on a CPU)")
+        lines = cpu_checks() + generate_tool_check("CPU: dense masked weights")
+        lines.append("- needs CUDA: the sparse kernels and the timings were skipped (the CPU checks above passed)")
         emit("\n".join(["## 2:4 sparse inference (bench_sparse_infer_gpu.py), CPU checks", ""] + lines), opts.out)
-        platform.destroy_distributed()
         return 0
 
-    backends = [b for b in wanted if b in available_backends()]
-    missing = [b for b in wanted if b not in backends]
-    lines = ["## 2:4 semi-structured sparse inference against dense bf16 (bench_sparse_infer_gpu.py)", ""]
-    lines += environment()
-    lines.append(f"- Backends: {', '.join(backends) or 'none'}"
-                 + (f" ({', '.join(missing)} not available in this torch build)" if missing else ""))
-    ok = True
+    lines = ["## 2:4 sparse inference against dense bf16 (bench_sparse_infer_gpu.py)", ""] + environment()
+    lines.append(f"- cuSPARSELt {torch.backends.cusparselt.version()}")
+    shapes = fused_shapes(cfg)
     if not opts.skip_linears:
-        lines += ["", f"Single linears, y = F.linear(x, W), x [tokens, in] bf16; mean of {opts.iters} calls after "
-                      f"{opts.warmup}:", ""]
-        lines += bench_linears(shapes, tokens, backends, opts)
-    if not opts.skip_prefill:
-        table, notes, ok = bench_prefill(impl, cfg, backends, opts)
-        lines += ["", f"Prefill, batch 1, mean of {opts.prefill_iters} after {opts.prefill_warmup}:", ""]
-        lines += table + [""] + notes
+      try:
+        lines += ["", f"Single linears, y = x W^T, x [tokens, in] bf16. Eager: mean of {opts.iters} back-to-back calls "
+                      f"after {opts.warmup}; graph: median replay of 10 calls captured in a CUDA graph. Columns 6-10: "
+                      "dense / variant speed-up in that mode:", ""]
+        lines += bench_linears(shapes, tokens, opts)
+      except Exception:  # noqa: BLE001 - report and go on to the model
+        lines.append("linears failed: " + traceback.format_exc())
+        log(lines[-1])
+    t0 = time.perf_counter()
+    table = measure_table(shapes.values(), sorted(set(DEFAULT_TOKEN_COUNTS) | set(tokens) | {opts.prefill}),
+                          cache=None, log=log)
+    lines += ["", f"Kernel table measured at load ({time.perf_counter() - t0:.1f} s; GPU time from CUDA graphs):",
+              ""] + table.rows()
+    ok = True
+    if not opts.skip_model:
+        try:
+            table_lines, notes, ok = bench_model(cfg, opts, table)
+            lines += [""] + table_lines + [""] + notes
+        except Exception:  # noqa: BLE001 - report and go on to the tool check
+            ok = False
+            lines.append("model failed: " + traceback.format_exc())
+            log(lines[-1])
+    lines += [""] + generate_tool_check("GPU")
     emit("\n".join(lines), opts.out)
-    platform.destroy_distributed()
     return 0 if ok else 1
 
 

@@ -1,0 +1,24 @@
+"""Inference of exported 2:4 models with sparse tensor-core kernels, in plain torch.
+
+* ``sparse``: ``SparseLinear`` (cuSPARSELt 2:4 GEMM or dense, per shape and token count,
+  from a measured ``KernelTable``), the 2:4 layout in plain torch, the CPU fallback. The
+  only module here that knows about the device.
+* ``model``: ``LlamaForInference``, a lean LLaMA over a static KV cache.
+* ``generate``: ``greedy_generate`` with the decode step replayed from a CUDA graph.
+* ``load``: ``load_sparse_model(hf_dir)`` for ``tools/export_sparse.py --format hf`` output.
+
+Layers: imports ``megatron_ext.checkpoint`` (reading the directory) and the model config;
+no megatron-core, no transformers, so it runs wherever torch does.
+"""
+from megatron_ext.inference.generate import DecodeGraph, Generation, greedy_generate
+from megatron_ext.inference.load import default_device, kernel_table_for, load_sparse_model, model_from_state_dict
+from megatron_ext.inference.model import DenseLinear, KVCache, LlamaForInference, projection_shapes
+from megatron_ext.inference.sparse import (KernelTable, SparseFormatError, SparseLinear, check_2of4, pack_2of4,
+                                           sparse_kernels_available, sparse_kernels_note, unpack_2of4)
+
+__all__ = [
+    "DecodeGraph", "DenseLinear", "Generation", "KVCache", "KernelTable", "LlamaForInference", "SparseFormatError",
+    "SparseLinear", "check_2of4", "default_device", "greedy_generate", "kernel_table_for", "load_sparse_model",
+    "model_from_state_dict", "pack_2of4", "projection_shapes", "sparse_kernels_available", "sparse_kernels_note",
+    "unpack_2of4",
+]

@@ -1,0 +1,379 @@
+"""2:4 sparse linears for inference: the weight layout, the kernels, and a measured choice per shape.
+
+This is the one module of the inference package that knows about the device.
+
+* ``SparseLinear`` holds one 2:4 weight ``[out, in]`` and computes ``y = x W^T`` with
+  cuSPARSELt's sparse tensor-core GEMM, or with the dense GEMM where that is faster. The
+  sparse form is compressed once at load (``torch._cslt_compress``: kept values + 2-bit
+  metadata, 0.5625x the bytes of the dense bf16 weight) and multiplied as
+  ``C^T = (W_c x^T)^T`` with the fused transpose (``transpose_result=True``), so the
+  result comes out ``[tokens, out]`` row-major and no later op copies it.
+* ``KernelTable`` says, per (weight shape, token count), which kernel runs and with which
+  cuSPARSELt algorithm. It is measured on the GPU (``measure_table``: each candidate timed
+  from a CUDA graph of repeated calls, so host overhead does not decide), cached in a JSON
+  file keyed by GPU, torch and cuSPARSELt versions, and read by every ``SparseLinear``.
+  A token count between measured ones uses the nearest measured count on a log scale.
+* On a machine without a CUDA GPU and cuSPARSELt the sparse kernels do not exist:
+  ``SparseLinear`` keeps the dense masked weight and ``sparse_kernels_note()`` says so.
+* ``pack_2of4`` / ``unpack_2of4``: the compressed layout in plain torch (values + the
+  two kept positions of each group of 4 in 4 bits), the portable form of what cuSPARSELt
+  stores and the reference the CPU tests check.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ext.errors import InputError
+
+N, M = 2, 4
+# cuSPARSELt's smallest dense operand for 16-bit types: the token rows are padded to a multiple of this.
+DENSE_ROW_MULTIPLE = 8
+DEFAULT_TOKEN_COUNTS = (1, 16, 128, 512, 4096)
+KERNELS = ("dense", "sparse")
+TABLE_VERSION = 1
+
+
+class SparseFormatError(InputError):
+    """A weight that should be 2:4 is not (the message names it and the first bad group)."""
+
+
+# --------------------------------------------------------------------------- the 2:4 layout in plain torch
+
+
+def check_2of4(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise ``SparseFormatError`` unless every group of 4 consecutive inputs keeps at most 2."""
+    if weight.dim() != 2 or weight.shape[1] % M:
+        raise SparseFormatError(f"{name}: shape {tuple(weight.shape)} is not [out, in] with in a multiple of {M}")
+    counts = (weight.reshape(weight.shape[0], -1, M) != 0).sum(-1)
+    bad = (counts > N).nonzero()
+    if bad.numel():
+        row, g = int(bad[0, 0]), int(bad[0, 1])
+        raise SparseFormatError(f"{name}: row {row}, inputs {g * M}-{g * M + M - 1} keep {int(counts[row, g])} "
+                                f"non-zeros, more than {N} of {M} ({bad.shape[0]} such groups): not a 2:4 weight")
+
+
+def pack_2of4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2:4 ``weight [out, in]`` -> (``values [out, in/2]``, ``meta [out, in/8]`` uint8).
+
+    Each group of 4 inputs keeps 2 values, in input order, and their positions ``i0 < i1``
+    (2 bits each, ``i0 | i1 << 2``); two groups share a byte (the even group in the low 4 bits).
+    A group with fewer than 2 non-zeros stores zeros at free positions, as cuSPARSELt does.
+    """
+    check_2of4(weight)
+    out_f, in_f = weight.shape
+    if in_f % (2 * M):
+        raise SparseFormatError(f"pack_2of4: in={in_f} is not a multiple of {2 * M}")
+    groups = weight.reshape(out_f, in_f // M, M)
+    nonzero = groups != 0
+    # Rank positions: non-zeros first, then zeros, each in input order; keep the first two, sorted.
+    order = torch.arange(M, device=weight.device).expand_as(nonzero)
+    key = torch.where(nonzero, order, order + M)
+    pos = key.topk(N, dim=-1, largest=False).values % M
+    pos = pos.sort(-1).values
+    values = groups.gather(-1, pos).reshape(out_f, in_f // 2)
+    nibble = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8)          # [out, in/4]
+    meta = nibble[:, 0::2] | (nibble[:, 1::2] << 4)
+    return values.contiguous(), meta.contiguous()
+
+
+def unpack_2of4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_2of4``: the dense ``[out, in]`` weight."""
+    out_f, half = values.shape
+    nibble = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(out_f, half // N).long()
+    pos = torch.stack([nibble & 3, nibble >> 2], dim=-1)                  # [out, in/4, 2]
+    dense = torch.zeros(out_f, half // N, M, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, pos, values.reshape(out_f, half // N, N))
+    return dense.reshape(out_f, half * 2)
+
+
+def packed_bytes(weight: torch.Tensor) -> int:
+    """Bytes of the 2:4 compressed form of ``weight``: half the values plus 2 bits per kept value."""
+    return weight.numel() // 2 * weight.element_size() + weight.numel() // 8
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def sparse_kernels_available(device: Optional[torch.device] = None) -> bool:
+    """cuSPARSELt's 2:4 GEMM: a CUDA GPU of compute capability 8.0 or newer and a torch built with it."""
+    if not torch.cuda.is_available() or not torch.backends.cusparselt.is_available():
+        return False
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def sparse_kernels_note(device: Optional[torch.device] = None) -> Optional[str]:
+    """Why the sparse kernels are not used here, or None where they are."""
+    if sparse_kernels_available(device):
+        return None
+    where = "this machine has no CUDA GPU" if not torch.cuda.is_available() else (
+        "this torch build has no cuSPARSELt" if not torch.backends.cusparselt.is_available()
+        else "the device is not a CUDA GPU of compute capability 8.0 or newer")
+    return (f"2:4 sparse kernels unavailable ({where}): running the dense masked weights "
+            "(same results, no speed-up, no memory saving)")
+
+
+# --------------------------------------------------------------------------- the measured choice
+
+
+@dataclass
+class Choice:
+    kernel: str                 # "dense" | "sparse"
+    alg_id: int = 0             # cuSPARSELt algorithm (sparse only)
+    dense_ms: float = math.nan
+    sparse_ms: float = math.nan
+
+
+@dataclass
+class KernelTable:
+    """Which kernel runs each (out, in, tokens); see the module doc."""
+    key: str = ""
+    entries: dict = field(default_factory=dict)      # "out,in,tokens" -> Choice
+
+    @staticmethod
+    def _k(out_f: int, in_f: int, tokens: int) -> str:
+        return f"{out_f},{in_f},{tokens}"
+
+    def set(self, out_f: int, in_f: int, tokens: int, choice: Choice) -> None:
+        self.entries[self._k(out_f, in_f, tokens)] = choice
+
+    def token_counts(self, out_f: int, in_f: int) -> list[int]:
+        prefix = f"{out_f},{in_f},"
+        return sorted(int(k[len(prefix):]) for k in self.entries if k.startswith(prefix))
+
+    def choose(self, out_f: int, in_f: int, tokens: int) -> Choice:
+        """The measured choice for this shape at the nearest measured token count (log scale);
+        dense where the shape was never measured."""
+        counts = self.token_counts(out_f, in_f)
+        if not counts:
+            return Choice("dense")
+        best = min(counts, key=lambda c: (abs(math.log(c) - math.log(max(tokens, 1))), c))
+        return self.entries[self._k(out_f, in_f, best)]
+
+    def kernels_for(self, out_f: int, in_f: int) -> set[str]:
+        counts = self.token_counts(out_f, in_f)
+        return {self.entries[self._k(out_f, in_f, c)].kernel for c in counts} or {"dense"}
+
+    def to_json(self) -> dict:
+        return {"version": TABLE_VERSION, "key": self.key,
+                "entries": {k: vars(v) for k, v in self.entries.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KernelTable":
+        if data.get("version") != TABLE_VERSION:
+            raise ValueError(f"kernel table version {data.get('version')!r}, expected {TABLE_VERSION}")
+        return cls(data.get("key", ""), {k: Choice(**v) for k, v in data["entries"].items()})
+
+    def rows(self) -> list[str]:
+        """A Markdown table of the choices."""
+        out = ["| W [out, in] | tokens | dense ms | sparse ms | sparse speed-up | runs | cuSPARSELt alg |",
+               "|---|---|---|---|---|---|---|"]
+        for k in sorted(self.entries, key=lambda s: tuple(int(x) for x in s.split(","))):
+            o, i, t = k.split(",")
+            c = self.entries[k]
+            ratio = c.dense_ms / c.sparse_ms if c.sparse_ms == c.sparse_ms and c.sparse_ms > 0 else math.nan
+            out.append(f"| {o}x{i} | {t} | {c.dense_ms:.4f} | {c.sparse_ms:.4f} | {ratio:.2f}x | {c.kernel} "
+                       f"| {c.alg_id if c.kernel == 'sparse' else ''} |")
+        return out
+
+
+def table_key(device: Optional[torch.device] = None) -> str:
+    """What a cached table is valid for: the GPU, torch, CUDA and cuSPARSELt versions."""
+    if not torch.cuda.is_available():
+        return f"cpu torch {torch.__version__}"
+    return (f"{torch.cuda.get_device_name(device)} torch {torch.__version__} cuda {torch.version.cuda} "
+            f"cusparselt {torch.backends.cusparselt.version()}")
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "megatron_ext" / "sparse_kernel_table.json"
+
+
+def read_table(path: Optional[os.PathLike], key: str) -> KernelTable:
+    """The cached table for ``key`` (an empty one if the file is missing, unreadable or for another key)."""
+    if path is None:
+        return KernelTable(key)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        table = KernelTable.from_json(data.get(key, {"version": TABLE_VERSION, "entries": {}}))
+    except (OSError, ValueError, TypeError, KeyError):
+        return KernelTable(key)
+    table.key = key
+    return table
+
+
+def write_table(path: os.PathLike, table: KernelTable) -> None:
+    """Store ``table`` under its key, keeping other keys' tables (atomic replace)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    data[table.key] = table.to_json()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _graph_ms(fn, reps: int = 10, replays: int = 5) -> float:
+    """GPU milliseconds per call of ``fn``: ``reps`` calls captured in one CUDA graph, the
+    median of ``replays`` timed replays (host overhead excluded, as in graphed inference).
+    Where capture fails, back-to-back eager calls are timed instead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        run = graph.replay
+    except RuntimeError:
+        torch.cuda.synchronize()
+        graph = None
+        run = lambda: [fn() for _ in range(reps)]  # noqa: E731
+    run()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def measure_shape(out_f: int, in_f: int, tokens: int, dtype: torch.dtype = torch.bfloat16,
+                  device: Optional[torch.device] = None, margin: float = 1.0) -> Choice:
+    """Time the dense GEMM and cuSPARSELt (its best algorithm, searched once) for one shape on
+    random 2:4 data; sparse is chosen when ``dense_ms > sparse_ms * margin``."""
+    device = device or torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(out_f * 31 + in_f)
+    w = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen)
+    w = w * magnitude_2of4_mask(w)
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
+    dense_ms = _graph_ms(lambda: F.linear(x, w))
+    wc = torch._cslt_compress(w)
+    xp = pad_rows(x)
+    alg = int(torch._cslt_sparse_mm_search(wc, xp.t(), transpose_result=True))
+    sparse_ms = _graph_ms(lambda: torch._cslt_sparse_mm(wc, xp.t(), transpose_result=True, alg_id=alg))
+    kernel = "sparse" if dense_ms > sparse_ms * margin else "dense"
+    return Choice(kernel, alg, dense_ms, sparse_ms)
+
+
+def measure_table(shapes: Iterable[tuple[int, int]], token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
+                  dtype: torch.dtype = torch.bfloat16, cache: Optional[os.PathLike] = None,
+                  device: Optional[torch.device] = None, log=None) -> KernelTable:
+    """The table for ``shapes`` x ``token_counts``: what ``cache`` holds for this GPU and
+    versions, plus measurements of whatever it lacks (written back to ``cache``)."""
+    key = table_key(device) + f" {str(dtype).replace('torch.', '')}"
+    table = read_table(cache, key)
+    missing = [(o, i, t) for o, i in dict.fromkeys(shapes) for t in token_counts
+               if KernelTable._k(o, i, t) not in table.entries]
+    for o, i, t in missing:
+        choice = measure_shape(o, i, t, dtype, device)
+        table.set(o, i, t, choice)
+        if log:
+            log(f"kernel table: W {o}x{i}, {t} tokens: dense {choice.dense_ms:.4f} ms, sparse "
+                f"{choice.sparse_ms:.4f} ms (alg {choice.alg_id}) -> {choice.kernel}")
+    if missing and cache is not None:
+        try:
+            write_table(cache, table)
+        except OSError as e:
+            if log:
+                log(f"kernel table: not cached ({e})")
+    return table
+
+
+def magnitude_2of4_mask(w: torch.Tensor) -> torch.Tensor:
+    """The 2:4 mask keeping the 2 largest magnitudes of every group of 4 inputs."""
+    groups = w.reshape(w.shape[0], -1, M)
+    idx = groups.abs().topk(N, dim=-1).indices
+    return torch.zeros_like(groups).scatter_(-1, idx, 1).reshape(w.shape)
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [tokens, in]`` with zero rows appended up to a multiple of ``DENSE_ROW_MULTIPLE``."""
+    extra = (-x.shape[0]) % DENSE_ROW_MULTIPLE
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+class SparseLinear(torch.nn.Module):
+    """``y = x W^T`` for a 2:4 ``W [out, in]`` (no bias), through the kernel the table picks.
+
+    Holds the cuSPARSELt-compressed weight where the table ever picks sparse for this
+    shape, and the dense weight only where it ever picks dense (``keep_dense=False`` drops
+    the dense copy and runs sparse at every token count instead, for the memory bound).
+    """
+
+    def __init__(self, weight: torch.Tensor, table: Optional[KernelTable] = None, *, name: str = "weight",
+                 keep_dense: bool = True, check: bool = True):
+        super().__init__()
+        if check:
+            check_2of4(weight, name)
+        self.out_features, self.in_features = weight.shape
+        self.name = name
+        self.table = table
+        use_sparse = table is not None and sparse_kernels_available(weight.device)
+        kernels = table.kernels_for(self.out_features, self.in_features) if use_sparse else {"dense"}
+        if "sparse" in kernels and not keep_dense:
+            kernels = {"sparse"}
+        self.compressed = torch._cslt_compress(weight.contiguous()) if "sparse" in kernels else None
+        self.weight = weight if "dense" in kernels else None
+        self.force_sparse = self.weight is None
+
+    def choice(self, tokens: int) -> Choice:
+        if self.compressed is None:
+            return Choice("dense")
+        if self.force_sparse:
+            c = self.table.choose(self.out_features, self.in_features, tokens)
+            return c if c.kernel == "sparse" else Choice("sparse", c.alg_id)
+        return self.table.choose(self.out_features, self.in_features, tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        tokens = x2.shape[0]
+        c = self.choice(tokens)
+        if c.kernel == "dense":
+            y = F.linear(x2, self.weight)
+        else:
+            y = torch._cslt_sparse_mm(self.compressed, pad_rows(x2).t(), transpose_result=True, alg_id=c.alg_id)
+            if y.shape[0] != tokens:
+                y = y[:tokens]
+        return y.reshape(*lead, self.out_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes this layer holds on its device (compressed and/or dense weight)."""
+        return sum(t.numel() * t.element_size() for t in (self.compressed, self.weight) if t is not None)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense 2:4 weight (decompressed with an identity GEMM where only the sparse form is kept)."""
+        if self.weight is not None:
+            return self.weight
+        eye = torch.eye(self.in_features, dtype=self.compressed.dtype, device=self.compressed.device)
+        return torch._cslt_sparse_mm(self.compressed, eye)
+
+    def extra_repr(self) -> str:
+        kinds = [k for k, t in (("sparse", self.compressed), ("dense", self.weight)) if t is not None]
+        return f"in={self.in_features}, out={self.out_features}, holds={'+'.join(kinds)}"
