@@ -17,6 +17,9 @@
 #   torchrun ...                 "$PYTHON" -m torch.distributed.run ...; with DRY_RUN=1 it only
 #                                prints the command line (one shell-quoted word per line after
 #                                "torchrun:"), so a script's launch can be checked without running it
+#   run_tool SCRIPT ...          "$PYTHON" SCRIPT ... (a tool, or - for a program on stdin); with
+#                                DRY_RUN=1 it only prints the command line as torchrun does, after
+#                                "python:"
 #
 # NAME is the variable (or flag) the user sets to fix the path; every message names it
 # and the path. The require_* functions only record failures, so a script reports all of
@@ -132,4 +135,13 @@ torchrun() {
     return 0
   fi
   "$PYTHON" -m torch.distributed.run "$@"
+}
+
+run_tool() {
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    echo "python:"
+    printf '%q\n' "$@"
+    return 0
+  fi
+  "$PYTHON" "$@"
 }

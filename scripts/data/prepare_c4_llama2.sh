@@ -16,6 +16,7 @@ set -euo pipefail
 C4_RAW=${C4_RAW:-assets/data/c4/en}
 C4_HOME=${C4_HOME:-assets/data/c4_llama2_pretokenized}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-assets/checkpoints/llama2_7b_hf/tokenizer.model}
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-Llama2Tokenizer}          # scripts/data/prepare_*_llama3.sh: HuggingFaceTokenizer
 FIRST_SHARD=${FIRST_SHARD:-0}
 NUM_SHARDS=${NUM_SHARDS:-20}
 WORKERS=${WORKERS:-8}
@@ -45,13 +46,13 @@ for input in "${INPUTS[@]}"; do
     continue
   fi
   echo "tokenize $input -> ${prefix}_text_document"
-  "$PYTHON" tools/preprocess_data.py \
+  run_tool tools/preprocess_data.py \
     --input "$input" \
     --json-keys text \
     --output-prefix "$prefix" \
-    --tokenizer-type Llama2Tokenizer \
+    --tokenizer-type "$TOKENIZER_TYPE" \
     --tokenizer-model "$TOKENIZER_MODEL" \
     --append-eod \
     --workers "$WORKERS"
 done
-"$PYTHON" tools/check_dataset.py "${PREFIXES[@]}"
+run_tool tools/check_dataset.py "${PREFIXES[@]}"

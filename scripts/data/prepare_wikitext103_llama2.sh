@@ -15,6 +15,8 @@ set -euo pipefail
 WIKI_RAW=${WIKI_RAW:-assets/data/wikitext-103-raw}
 WIKI_HOME=${WIKI_HOME:-assets/data/wikitext103_llama2_pretokenized}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-assets/checkpoints/llama2_7b_hf/tokenizer.model}
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-Llama2Tokenizer}          # scripts/data/prepare_*_llama3.sh: HuggingFaceTokenizer
+TOKENIZER_NAME=${TOKENIZER_NAME:-llama2}                    # in the output names: wiki_<split>_<name>_text_document
 SPLITS=${SPLITS:-train}
 WORKERS=${WORKERS:-8}
 
@@ -32,7 +34,7 @@ for split in $SPLITS; do
   raw=$WIKI_RAW/wiki.$split.raw
   jsonl=$WIKI_HOME/wiki_$split.jsonl
   echo "split $raw into articles -> $jsonl"
-  "$PYTHON" - "$raw" "$jsonl" <<'PY'
+  run_tool - "$raw" "$jsonl" <<'PY'
 import json, os, re, sys
 
 src, dst = sys.argv[1], sys.argv[2]
@@ -62,15 +64,15 @@ finally:
         os.remove(tmp)
 print(f"{articles} articles")
 PY
-  prefix=$WIKI_HOME/wiki_${split}_llama2
+  prefix=$WIKI_HOME/wiki_${split}_${TOKENIZER_NAME}
   PREFIXES+=("${prefix}_text_document")
-  "$PYTHON" tools/preprocess_data.py \
+  run_tool tools/preprocess_data.py \
     --input "$jsonl" \
     --json-keys text \
     --output-prefix "$prefix" \
-    --tokenizer-type Llama2Tokenizer \
+    --tokenizer-type "$TOKENIZER_TYPE" \
     --tokenizer-model "$TOKENIZER_MODEL" \
     --append-eod \
     --workers "$WORKERS"
 done
-"$PYTHON" tools/check_dataset.py "${PREFIXES[@]}"
+run_tool tools/check_dataset.py "${PREFIXES[@]}"

@@ -37,8 +37,11 @@ TAG=${TAG:-smollm2-135m-mask-only}
 MODEL=smollm2-135m
 TP=${TP:-1}
 SEQ_LENGTH=${SEQ_LENGTH:-1024}
-MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}                            # or auto: the largest that fits
+MEMORY_TARGET_FRACTION=${MEMORY_TARGET_FRACTION:-0.9}              # for auto
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-32}
+LR_SCALING=${LR_SCALING:-}                                         # linear or sqrt: LR given for LR_BASE_BATCH_SIZE
+LR_BASE_BATCH_SIZE=${LR_BASE_BATCH_SIZE:-32}
 TRAIN_ITERS=${TRAIN_ITERS:-500}
 WARMUP_ITERS=${WARMUP_ITERS:-0}
 LR=${LR:-5e-5}
@@ -83,13 +86,16 @@ fi
 end_checks
 EVAL_ARGS=""
 [ -z "$EVAL_DATA_PATH" ] || EVAL_ARGS="--eval-data-path $EVAL_DATA_PATH"
+LR_SCALING_ARGS=""
+[ -z "$LR_SCALING" ] || LR_SCALING_ARGS="--lr-scaling $LR_SCALING --lr-base-batch-size $LR_BASE_BATCH_SIZE"
 mkdir -p "$SAVE_DIR" "$RUN_DIR/logs"
 
 torchrun $DISTRIBUTED_ARGS pretrain_maskllm.py \
   --model $MODEL --tensor-model-parallel-size $TP $PRECISION_ARGS \
-  --seq-length $SEQ_LENGTH --micro-batch-size $MICRO_BATCH_SIZE --global-batch-size $GLOBAL_BATCH_SIZE \
+  --seq-length $SEQ_LENGTH --micro-batch-size $MICRO_BATCH_SIZE --memory-target-fraction $MEMORY_TARGET_FRACTION \
+  --global-batch-size $GLOBAL_BATCH_SIZE \
   --train-iters $TRAIN_ITERS --lr $LR --min-lr $MIN_LR --lr-decay-style cosine --lr-warmup-iters $WARMUP_ITERS \
-  --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0 \
+  $LR_SCALING_ARGS --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0 \
   --data-path $DATA_PATH --split 98,2,0 --data-cache-path $DATA_CACHE_PATH $EVAL_ARGS \
   $LOAD_ARGS --save $SAVE_DIR --save-interval $SAVE_INTERVAL \
   --keep-last $KEEP_LAST --log-interval $LOG_INTERVAL --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS \

@@ -44,6 +44,7 @@ fi
 if [ "$METHOD" != magnitude ]; then
   if [ -f "$CALIB_DATA" ]; then :; else require_dataset "$CALIB_DATA" CALIB_DATA; fi
 fi
+end_checks
 [ ! -e "$SAVE/latest_checkpointed_iteration.txt" ] || [ "${OVERWRITE:-0}" = 1 ] \
   || die "$SAVE already holds a checkpoint (OVERWRITE=1 replaces it, or set OUTPUT_ROOT=...)"
 [ "${OVERWRITE:-0}" = 1 ] && EXTRA+=(--overwrite)

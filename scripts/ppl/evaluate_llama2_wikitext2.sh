@@ -9,13 +9,12 @@
 # set; more processes add data parallelism). Settings below can be overridden from
 # the environment, e.g. WIKITEXT2_TEST=/data/wiki.test.raw SEQ_LENGTH=2048.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-WIKITEXT2_TEST="${WIKITEXT2_TEST:-$REPO_ROOT/assets/data/wikitext-2-raw-v1/wiki.test.raw}"
+WIKITEXT2_TEST="${WIKITEXT2_TEST:-$ROOT/assets/data/wikitext-2-raw-v1/wiki.test.raw}"
 SEQ_LENGTH="${SEQ_LENGTH:-4096}"
 MICRO_BATCH_SIZE="${MICRO_BATCH_SIZE:-1}"
 DTYPE="${DTYPE:-bf16}"
-TORCHRUN="${TORCHRUN:-torchrun}"
 
 usage="usage: $0 <ckpt> <model> <TP> <dense|sparse>"
 if [[ $# -ne 4 ]]; then
@@ -47,4 +46,6 @@ if [[ ! -f "$WIKITEXT2_TEST" ]]; then
 fi
 
 echo "WikiText-2 PPL: model=$MODEL mode=$MODE tp=$TP nproc=$NPROC seq_length=$SEQ_LENGTH dtype=$DTYPE ckpt=$CKPT"
-"$TORCHRUN" --standalone --nproc_per_node="$NPROC" "$REPO_ROOT/tools/eval_ppl.py" --load "$CKPT" --text-file "$WIKITEXT2_TEST" --seq-length "$SEQ_LENGTH" --tensor-model-parallel-size "$TP" --micro-batch-size "$MICRO_BATCH_SIZE" --dtype "$DTYPE" $SPARSE_FLAG
+torchrun --standalone --nproc_per_node "$NPROC" "$ROOT/tools/eval_ppl.py" --load "$CKPT" --text-file "$WIKITEXT2_TEST" \
+  --seq-length "$SEQ_LENGTH" --tensor-model-parallel-size "$TP" --micro-batch-size "$MICRO_BATCH_SIZE" --dtype "$DTYPE" \
+  $SPARSE_FLAG

@@ -27,10 +27,10 @@ require_checkpoint "$MASK_CKPT" "<mask_ckpt>"
 end_checks
 [ ! -e "$HF_OUT" ] || [ "${OVERWRITE:-0}" = 1 ] || die "<hf_out> $HF_OUT already exists (OVERWRITE=1 replaces it)"
 
-"$PYTHON" "$ROOT/tools/export_sparse.py" --load "$MASK_CKPT" --save "$HF_OUT" --format hf --dtype "$DTYPE" \
+run_tool "$ROOT/tools/export_sparse.py" --load "$MASK_CKPT" --save "$HF_OUT" --format hf --dtype "$DTYPE" \
   --N "$N" --M "$M" --overwrite
-"$PYTHON" "$ROOT/tools/check_sparsity.py" "$HF_OUT" --N "$N" --M "$M" --quiet
+run_tool "$ROOT/tools/check_sparsity.py" "$HF_OUT" --N "$N" --M "$M" --quiet
 if [ "$PACKED" = 1 ]; then
-  "$PYTHON" "$ROOT/tools/export_sparse.py" --load "$MASK_CKPT" --save "$HF_OUT.masks" --format masks \
+  run_tool "$ROOT/tools/export_sparse.py" --load "$MASK_CKPT" --save "$HF_OUT.masks" --format masks \
     --N "$N" --M "$M" --overwrite
 fi
