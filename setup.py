@@ -26,5 +26,8 @@ setup(
         # installs the CPU wheel first on a machine without torch.
         "train": ["torch", "megatron-core==0.16.1", "safetensors", "gguf"],
         "test": ["pytest", "transformers", "safetensors", "gguf"],
+        # optional: pictures (tools/plot_run.py, tools/plot_schedule.py), Weights & Biases logging
+        "plot": ["matplotlib"],
+        "wandb": ["wandb"],
     },
 )

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 from megatron_ext.errors import InputError
 
 
@@ -136,3 +136,102 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+# --------------------------------------------------------------------------- reading a run's metrics
+
+METRICS_GLOB = "metrics-*.jsonl"
+
+
+class RunLogsError(InputError):
+    """No metrics where a run's logs were looked for (the message says where)."""
+
+
+def _has_metrics(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.glob(METRICS_GLOB))
+
+
+def _checkpoint_log_dirs(save_dir: Path) -> List[Path]:
+    """``<log-dir>/<tag>`` of each checkpoint in ``save_dir``, newest first: the tag from its
+    ``checkpoint.json``, ``--log-dir`` from the saved arguments (relative to the working
+    directory, as the trainer used it)."""
+    from megatron_ext.checkpoint import list_iterations, read_checkpoint_info
+    from megatron_ext.checkpoint.io import read_shard
+    from megatron_ext.checkpoint.layout import iteration_dir_name
+    from megatron_ext.training.arguments import DEFAULT_LOG_DIR
+
+    out: List[Path] = []
+    for iteration in sorted(list_iterations(save_dir), reverse=True):
+        info = read_checkpoint_info(save_dir / iteration_dir_name(iteration))
+        args = read_shard(info, 0).get("args") or {}
+        tag = (info.extra.get("training") or {}).get("tag") or args.get("tag")
+        if not tag:
+            continue
+        candidate = Path(args.get("log_dir") or DEFAULT_LOG_DIR) / tag
+        if candidate not in out:
+            out.append(candidate)
+    return out
+
+
+def find_run_logs(path: str | os.PathLike) -> Path:
+    """The directory holding a run's ``metrics-*.jsonl``: ``path`` itself (``<log-dir>/<tag>``),
+    the one run under a ``--log-dir``, or, for a ``--save`` directory, the log directory its
+    checkpoints name."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunLogsError(f"{path}: no such directory (give a --save directory or a run's log directory)")
+    if _has_metrics(path):
+        return path
+    from megatron_ext.checkpoint import TRACKER_FILE, list_iterations
+
+    if (path / TRACKER_FILE).is_file() or list_iterations(path):
+        looked = _checkpoint_log_dirs(path)
+        found = [d for d in looked if _has_metrics(d)]
+        if found:
+            return found[0]
+        where = ", ".join(str(d) for d in looked) or "(the checkpoints name no run tag)"
+        raise RunLogsError(f"{path}: a checkpoint directory, but its run's logs are not at {where} "
+                           f"(relative paths are taken from the working directory; give the log directory instead)")
+    runs = sorted(d for d in path.iterdir() if _has_metrics(d))
+    if len(runs) == 1:
+        return runs[0]
+    if runs:
+        raise RunLogsError(f"{path}: holds the logs of {len(runs)} runs ({', '.join(d.name for d in runs)}); "
+                           f"give one of them, e.g. {runs[0]}")
+    raise RunLogsError(f"{path}: no {METRICS_GLOB} here, and not a checkpoint directory or a --log-dir holding a run")
+
+
+def _stamp_order(path: Path):
+    """``metrics-<start time>[.n].jsonl`` sorts by start time, then by the n of a same-second restart."""
+    stem = path.name[len("metrics-"):-len(".jsonl")]
+    stamp, _, n = stem.partition(".")
+    return stamp, int(n) if n.isdigit() else 1
+
+
+def read_metrics(run_dir: str | os.PathLike) -> List[Dict[str, Any]]:
+    """Every metrics record of a run, its files (a resumed run writes one per start) read in
+    time order: a later file's records replace the earlier ones from its first iteration on,
+    so a run resumed from an older checkpoint keeps one curve, and a later record of the same
+    kind and iteration replaces an earlier one (the evaluation at the end of training repeats
+    the last interval's). Unreadable lines (a line cut by a kill) are skipped. Sorted by
+    iteration."""
+    files = sorted(Path(run_dir).glob(METRICS_GLOB), key=_stamp_order)
+    records: List[Dict[str, Any]] = []
+    for f in files:
+        fresh = []
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("iteration"), int) and isinstance(r.get("kind"), str):
+                fresh.append(r)
+        if not fresh:
+            continue
+        start = min(r["iteration"] for r in fresh)
+        later = {(r["kind"], r["iteration"]) for r in fresh}
+        records = [r for r in records if r["iteration"] < start
+                   or (r["iteration"] == start and (r["kind"], r["iteration"]) not in later)]
+        records.extend(fresh)
+    last = {(r["kind"], r["iteration"]): r for r in records}
+    return sorted(last.values(), key=lambda r: r["iteration"])

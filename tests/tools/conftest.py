@@ -47,19 +47,36 @@ def sample_prefixes(tmp_path_factory, sample_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
-def dense_run(tmp_path_factory, sample_dir, sample_prefixes) -> dict:
-    """30 dense iterations (validation and the held-out play every 10), saved at 15 and 30."""
+def tiny_argv(sample_dir, sample_prefixes):
+    """``tiny_argv(train_iters, **flags)``: the command line of a tiny run on the training plays."""
+    return lambda train_iters, **flags: run_argv(sample_prefixes["train"], sample_dir / "tokenizer.model",
+                                                 train_iters, **flags)
+
+
+def pretrain_one_thread(argv):
+    """``megatron_ext.train.pretrain`` with one intra-op thread (tiny models run fastest so)."""
     import torch
 
     from megatron_ext.train import pretrain
 
-    root = tmp_path_factory.mktemp("dense-run")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread
+    torch.set_num_threads(1)
     try:
-        result = pretrain(run_argv(sample_prefixes["train"], sample_dir / "tokenizer.model", 30,
-                                   eval_interval=10, save_interval=15, save=root / "save", log_dir=root / "logs",
-                                   eval_data_path=sample_prefixes["heldout"], tag="dense"))
+        return pretrain(argv)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def run_tiny():
+    return pretrain_one_thread
+
+
+@pytest.fixture(scope="session")
+def dense_run(tmp_path_factory, tiny_argv, sample_prefixes) -> dict:
+    """30 dense iterations (validation and the held-out play every 10), saved at 15 and 30."""
+    root = tmp_path_factory.mktemp("dense-run")
+    result = pretrain_one_thread(tiny_argv(30, eval_interval=10, save_interval=15, save=root / "save",
+                                           log_dir=root / "logs", eval_data_path=sample_prefixes["heldout"],
+                                           tag="dense"))
     return {"save": root / "save", "log_dir": root / "logs", "run_dir": result.log_dir, "result": result}
