@@ -256,6 +256,73 @@ def memory_stats() -> dict:
     return {"mem_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
+def memory_capacity_bytes() -> int:
+    """What a step may use at most: the GPU's memory, or the machine's on the CPU."""
+    if has_cuda():
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class PeakMemory:
+    """The peak memory of what runs inside ``with PeakMemory() as peak:`` (``peak.bytes``).
+
+    On a GPU: the caching allocator's peak of allocated bytes. On the CPU, where no
+    allocator counts: the bytes of every live tensor when the block starts (parameters,
+    gradient buffers, optimizer state: ``live`` given by the caller) plus the tensors kept
+    for backward during the block (activations, one count per storage) -- an estimate
+    of the same peak that does not depend on the process's other memory."""
+
+    def __init__(self, live_bytes: int = 0) -> None:
+        self.live_bytes = int(live_bytes)
+        self.bytes = 0
+        self._saved: dict = {}
+        self._hooks = None
+
+    def _pack(self, t: torch.Tensor):
+        try:
+            storage = t.untyped_storage()
+            self._saved[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    def __enter__(self) -> "PeakMemory":
+        if has_cuda():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if has_cuda():
+            torch.cuda.synchronize()
+            self.bytes = int(torch.cuda.max_memory_allocated())
+        else:
+            self._hooks.__exit__(*exc)
+            self.bytes = self.live_bytes + sum(self._saved.values())
+
+
+def max_over_ranks(value: float) -> float:
+    """Collective: the largest ``value`` of all ranks."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory."""
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+def release_cached_memory() -> None:
+    if has_cuda():
+        torch.cuda.empty_cache()
+
+
 def fused_optimizer_available() -> bool:
     """Whether torch's fused AdamW applies (parameters on CUDA)."""
     return has_cuda()

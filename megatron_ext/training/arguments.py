@@ -46,6 +46,16 @@ class _Parser(argparse.ArgumentParser):
         raise ArgsError(message)
 
 
+def micro_batch_size_arg(text: str):
+    """``--micro-batch-size``: a positive integer, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py") -> argparse.ArgumentParser:
     """The trainer's flags, then each plug-in's group."""
     p = _Parser(prog=prog, allow_abbrev=False,
@@ -98,8 +108,22 @@ def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py"
     g.add_argument("--num-workers", type=int, default=0, help="accepted; samples are read in the trainer process")
 
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int)
+    g.add_argument("--micro-batch-size", type=micro_batch_size_arg,
+                   help="samples per forward pass on each data-parallel rank, or 'auto': the largest that fits "
+                        "(probed on the real model at the longest sequence of each stage; the global batch is "
+                        "kept by gradient accumulation)")
     g.add_argument("--global-batch-size", type=int, help="default: micro batch x data-parallel size")
+    g.add_argument("--memory-target-fraction", type=float, default=0.9,
+                   help="--micro-batch-size auto: the share of the device's memory a step may use (default 0.9)")
+    g.add_argument("--memory-budget-gib", type=float,
+                   help="--micro-batch-size auto on a CPU: the memory a step may use (default: the machine's "
+                        "memory x --memory-target-fraction)")
+    g.add_argument("--curriculum", metavar="FILE",
+                   help="YAML list of stages (iteration, seq_length, global_batch_size, lr_scale) run in order; "
+                        "sets the sequence length, global batch and LR scale per stage")
+    g.add_argument("--step-batch-size-schedule", metavar="SCHEDULE",
+                   help="Megatron-LM's batch ramp: \"0:768 250B:1536\" (global batch from a number of training "
+                        "tokens on; K, M, B, T suffixes)")
     g.add_argument("--train-iters", type=int)
     g.add_argument("--exit-interval", type=int, help="stop (after saving) when the iteration is a multiple")
     g.add_argument("--exit-signal-handler", action="store_true",
@@ -111,7 +135,12 @@ def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py"
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--optimizer", choices=["adam"], default="adam", help="AdamW (decoupled weight decay)")
     g.add_argument("--lr", type=float)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--min-lr", type=float,
+                   help="the LR at the end of the decay (default 0; with --lr-scaling, 10%% of the peak)")
+    g.add_argument("--lr-scaling", choices=["linear", "sqrt"],
+                   help="scale --lr and --min-lr given for --lr-base-batch-size to the run's global batch "
+                        "(linear: x GBS/B; sqrt: x sqrt(GBS/B))")
+    g.add_argument("--lr-base-batch-size", type=int, help="the global batch --lr is given for (--lr-scaling)")
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="linear")
     g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -150,6 +179,19 @@ def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py"
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-seq-length", type=int,
+                   help="also evaluate at this fixed sequence length (comparable across curriculum stages)")
+    g.add_argument("--early-stop-patience", type=int,
+                   help="stop (after saving) when this many evaluations in a row do not lower the validation "
+                        "loss by --early-stop-min-delta")
+    g.add_argument("--early-stop-min-delta", type=float, default=0.0,
+                   help="the smallest drop of the validation loss that counts as an improvement (default 0)")
+    g.add_argument("--save-best", action="store_true",
+                   help="keep <save>/best: the checkpoint of the lowest validation loss (a checkpoint directory "
+                        "of its own, loadable with --load)")
+    g.add_argument("--wandb-project", help="log metrics to this Weights & Biases project (needs wandb)")
+    g.add_argument("--wandb-exp-name", help="the Weights & Biases run name (default: --tag)")
+    g.add_argument("--wandb-save-dir", help="where Weights & Biases writes its files (default: <log-dir>/wandb)")
     g.add_argument("--tensorboard-dir")
     g.add_argument("--tag", help="run name: logs go to <log-dir>/<tag>/")
     g.add_argument("--exp-name", help="Megatron-LM's name for --tag")
@@ -197,20 +239,46 @@ def parse_args(argv: Optional[Sequence[str]] = None, plugins: Sequence[type] = (
 
 def check_args(args: argparse.Namespace) -> None:
     """Static checks and derived fields (``sparse``, ``tag``); raises ``ArgsError`` naming the flag."""
+    _require(not (args.curriculum and args.step_batch_size_schedule),
+             "--curriculum and --step-batch-size-schedule are mutually exclusive")
+    if args.curriculum is not None:
+        from megatron_ext.training.plan import curriculum_stages
+
+        stages = curriculum_stages(args.curriculum)
+        _require(args.global_batch_size is None,
+                 f"--global-batch-size {args.global_batch_size}: the stages of --curriculum {args.curriculum} set "
+                 "the global batch; leave the flag out")
+        longest = max(s.seq_length for s in stages)
+        if args.seq_length is None:
+            args.seq_length = longest
+        _require(args.seq_length >= longest,
+                 f"--seq-length {args.seq_length} is shorter than the longest stage of --curriculum "
+                 f"{args.curriculum} ({longest})")
+    if args.step_batch_size_schedule is not None:
+        _require(args.global_batch_size is None,
+                 f"--global-batch-size {args.global_batch_size}: --step-batch-size-schedule sets the global batch; "
+                 "leave the flag out")
     for name, flag in (("train_iters", "--train-iters"), ("micro_batch_size", "--micro-batch-size"),
                        ("seq_length", "--seq-length"), ("lr", "--lr"), ("data_path", "--data-path")):
         _require(getattr(args, name) is not None, f"{flag} is required")
-    for name, flag in (("train_iters", "--train-iters"), ("micro_batch_size", "--micro-batch-size"),
+    if args.micro_batch_size != "auto":
+        _positive(args, "micro_batch_size", "--micro-batch-size")
+    _require(0.0 < args.memory_target_fraction <= 1.0,
+             f"--memory-target-fraction must be in (0, 1], got {args.memory_target_fraction}")
+    for name, flag in (("train_iters", "--train-iters"),
                        ("global_batch_size", "--global-batch-size"), ("seq_length", "--seq-length"),
                        ("tensor_model_parallel_size", "--tensor-model-parallel-size"),
                        ("lr", "--lr"), ("eval_interval", "--eval-interval"), ("log_interval", "--log-interval"),
                        ("save_interval", "--save-interval"), ("keep_last", "--keep-last"),
                        ("exit_interval", "--exit-interval"), ("lr_decay_iters", "--lr-decay-iters"),
-                       ("adam_eps", "--adam-eps")):
+                       ("adam_eps", "--adam-eps"), ("eval_seq_length", "--eval-seq-length"),
+                       ("early_stop_patience", "--early-stop-patience"), ("lr_base_batch_size", "--lr-base-batch-size"),
+                       ("memory_budget_gib", "--memory-budget-gib")):
         _positive(args, name, flag)
     for name, flag in (("min_lr", "--min-lr"), ("lr_warmup_iters", "--lr-warmup-iters"),
                        ("lr_warmup_init", "--lr-warmup-init"), ("weight_decay", "--weight-decay"),
                        ("clip_grad", "--clip-grad"), ("eval_iters", "--eval-iters"), ("seed", "--seed"),
+                       ("early_stop_min_delta", "--early-stop-min-delta"),
                        ("init_method_std", "--init-method-std"), ("num_workers", "--num-workers")):
         _positive(args, name, flag, allow_zero=True)
     for name, flag in (("adam_beta1", "--adam-beta1"), ("adam_beta2", "--adam-beta2")):
@@ -223,7 +291,14 @@ def check_args(args: argparse.Namespace) -> None:
              f"--attention-dropout {args.attention_dropout} / --hidden-dropout {args.hidden_dropout}: "
              "our LLaMA models have no dropout (use 0.0)")
     _require(args.rotary_percent == 1.0, f"--rotary-percent {args.rotary_percent}: only 1.0 (LLaMA) is supported")
-    _require(args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.lr_scaling is not None:
+        _require(args.lr_base_batch_size is not None, f"--lr-scaling {args.lr_scaling} needs --lr-base-batch-size")
+        _require(args.curriculum is None and args.step_batch_size_schedule is None,
+                 f"--lr-scaling with {'--curriculum' if args.curriculum else '--step-batch-size-schedule'}: the "
+                 "stages set the learning rate per batch (lr_scale); use one of them")
+    else:
+        _require(args.lr_base_batch_size is None, "--lr-base-batch-size needs --lr-scaling")
+    _require(args.min_lr is None or args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     _require(args.lr_warmup_init <= args.lr, f"--lr-warmup-init {args.lr_warmup_init} is larger than --lr {args.lr}")
     if args.lr_warmup_fraction is not None:
         _require(args.lr_warmup_iters == 0, "--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
@@ -252,6 +327,12 @@ def check_args(args: argparse.Namespace) -> None:
              "--tokenizer-model is required (or --load a checkpoint that carries its tokenizer)")
     if args.eval_data_path is not None:
         _require(args.eval_iters > 0, "--eval-data-path needs --eval-iters > 0")
+    for name, flag in (("early_stop_patience", "--early-stop-patience"), ("save_best", "--save-best"),
+                       ("eval_seq_length", "--eval-seq-length")):
+        if getattr(args, name):
+            _require(args.eval_iters > 0, f"{flag} needs evaluations (--eval-iters > 0)")
+    if args.save_best:
+        _require(args.save is not None, "--save-best needs --save")
 
     # checkpoints
     if args.save_interval is not None:

@@ -13,10 +13,12 @@ field is found from the flag and the flag's help is its documentation.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from megatron_ext.training.arguments import ArgsError
+from megatron_ext.training.plan import TrainingPlan, build_plan
 
 
 def _take(cls, args: argparse.Namespace, **derived):
@@ -74,8 +76,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Batch, iterations, AdamW and the learning-rate schedule."""
-    micro_batch_size: int
+    """Batch, iterations, AdamW and the learning-rate schedule. The batch fields are the first
+    stage's (``RunConfig.plan`` has every stage's); ``lr``/``min_lr`` are after ``--lr-scaling``."""
+    micro_batch_size: Optional[int]           # None: --micro-batch-size auto
     global_batch_size: int
     train_iters: int
     lr: float
@@ -93,7 +96,12 @@ class OptimConfig:
     use_checkpoint_opt_param_scheduler: bool
     override_opt_param_scheduler: bool
     seed: int
-    num_microbatches: int = 1                 # derived: global / (micro x DP)
+    lr_scaling: Optional[str]
+    lr_base_batch_size: Optional[int]
+    memory_target_fraction: float
+    memory_budget_gib: Optional[float]
+    num_microbatches: int = 1                 # derived: global / (micro x DP); 0 until chosen (auto)
+    lr_scale_factor: float = 1.0              # derived: what --lr-scaling multiplied --lr and --min-lr by
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ class CheckpointConfig:
     finetune: bool
     enable_partial_load: bool
     exit_on_missing_checkpoint: bool
+    save_best: bool
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,12 @@ class LoggingConfig:
     log_num_zeros_in_grad: bool
     exit_interval: Optional[int]
     exit_signal_handler: bool
+    eval_seq_length: Optional[int]
+    early_stop_patience: Optional[int]
+    early_stop_min_delta: float
+    wandb_project: Optional[str]
+    wandb_exp_name: Optional[str]
+    wandb_save_dir: Optional[str]
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,7 @@ class RunConfig:
     optim: OptimConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    plan: TrainingPlan
     plugins: Mapping[str, Any] = field(default_factory=dict)  # each active plug-in's own section
     flags: Tuple[Tuple[str, Any], ...] = ()                     # every flag as given, for checkpoint args
 
@@ -144,20 +160,27 @@ class RunConfig:
         if world_size % tp:
             raise ArgsError(f"--tensor-model-parallel-size {tp} does not divide the number of processes {world_size}")
         dp = world_size // tp
-        gbs = args.global_batch_size if args.global_batch_size is not None else args.micro_batch_size * dp
-        per_step = args.micro_batch_size * dp
-        if gbs % per_step:
-            raise ArgsError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
-                            f"{args.micro_batch_size} x data-parallel size {dp} (= {per_step})")
+        plan = build_plan(args, dp)
+        first = plan.stages[0]
+        gbs, mbs = first.global_batch_size, first.micro_batch_size
+        lr, min_lr, factor = args.lr, args.min_lr, 1.0
+        if args.lr_scaling is not None:
+            ratio = gbs / args.lr_base_batch_size
+            factor = ratio if args.lr_scaling == "linear" else math.sqrt(ratio)
+            lr = args.lr * factor
+            min_lr = 0.1 * lr if min_lr is None else min_lr * factor
         flags = tuple(sorted((k, list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                              if v is None or isinstance(v, (bool, int, float, str, list, tuple))))
         return cls(
             model=_take(ModelConfig, args),
             parallel=_take(ParallelConfig, args, world_size=world_size, data_parallel_size=dp),
             data=_take(DataConfig, args),
-            optim=_take(OptimConfig, args, global_batch_size=gbs, num_microbatches=gbs // per_step),
+            optim=_take(OptimConfig, args, micro_batch_size=mbs, global_batch_size=gbs,
+                        num_microbatches=first.num_microbatches(dp) if mbs is not None else 0,
+                        lr=lr, min_lr=0.0 if min_lr is None else min_lr, lr_scale_factor=factor),
             checkpoint=_take(CheckpointConfig, args),
             logging=_take(LoggingConfig, args),
+            plan=plan,
             plugins=dict(plugin_sections or {}),
             flags=flags,
         )
@@ -166,5 +189,6 @@ class RunConfig:
         """Every flag (with derived values) as plain values: saved in checkpoints as Megatron's ``args``."""
         out = dict(self.flags)
         out.update(world_size=self.parallel.world_size, data_parallel_size=self.parallel.data_parallel_size,
-                   global_batch_size=self.optim.global_batch_size, num_microbatches=self.optim.num_microbatches)
+                   global_batch_size=self.optim.global_batch_size, num_microbatches=self.optim.num_microbatches,
+                   lr=self.optim.lr, min_lr=self.optim.min_lr)
         return out

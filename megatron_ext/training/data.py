@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,31 @@ class Datasets:
     train: object
     valid: Optional[object]
     test: Optional[object]
-    extra_valid: Optional[object]   # --eval-data-path
+    extra_valid: Dict[str, object]   # --eval-data-path sets by name
+
+
+def eval_sets(eval_data_path: Optional[str]) -> List[Tuple[str, str]]:
+    """``(name, blend)`` of each ``--eval-data-path`` set: ``NAME=PREFIX`` entries name one
+    set each; otherwise the whole value is one blend called ``eval_data``."""
+    if eval_data_path is None:
+        return []
+    entries = eval_data_path.split()
+    named = ["=" in e for e in entries]
+    if not any(named):
+        return [("eval_data", eval_data_path)]
+    if not all(named):
+        raise DataError(f"--eval-data-path {eval_data_path!r}: give every set as NAME=PREFIX, or one blend "
+                        "without names")
+    sets = []
+    for e in entries:
+        name, prefix = e.split("=", 1)
+        if not name or not prefix:
+            raise DataError(f"--eval-data-path {e!r}: expected NAME=PREFIX")
+        if name in ("valid", "test") or name in {n for n, _ in sets}:
+            raise DataError(f"--eval-data-path {e!r}: the name {name!r} is "
+                            + ("reserved" if name in ("valid", "test") else "given twice"))
+        sets.append((name, prefix))
+    return sets
 
 
 def sample_counts(train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int) -> List[int]:
@@ -91,12 +115,60 @@ def build_datasets(data: "DataConfig", counts: List[int], tokenizer) -> Datasets
     train, valid, test = build_gpt_datasets(config, data.data_path, data.split, counts)
     if train is None:
         raise DataError(f"--split {data.split!r} leaves no training data")
-    extra = None
-    if data.eval_data_path is not None and evaluate:
-        _, extra, _ = build_gpt_datasets(config, data.eval_data_path, "0,1,0", [0, counts[1], 0])
-    if not evaluate:
-        valid = test = extra = None
+    extra = {}
+    if evaluate:
+        for name, blend in eval_sets(data.eval_data_path):
+            _, extra[name], _ = build_gpt_datasets(config, blend, "0,1,0", [0, counts[1], 0])
+    else:
+        valid = test = None
     return Datasets(train, valid, test, extra)
+
+
+class TokenStreamView:
+    """Samples of ``seq_length`` cut from the token stream of ``base``'s samples, from
+    position ``start`` on (a curriculum stage's data).
+
+    Each sample of ``base`` (a GPT dataset of length ``L``) contributes its ``L`` positions
+    (token, label, loss mask) to one stream, in the dataset's order; view sample ``j``
+    holds positions ``start + j * seq_length`` onwards. Labels stay the base sample's own
+    (a window that crosses two base samples predicts each token from its own document
+    stream). Positions count from 0 in every view sample, unless the base resets them
+    at document ends (``--reset-position-ids``), whose ids are kept. A view of the base's
+    own length from 0 gives the base's samples.
+    """
+
+    def __init__(self, base, seq_length: int, start: int = 0, reset_position_ids: bool = False) -> None:
+        self.base = base
+        self.seq_length = int(seq_length)
+        self.start = int(start)
+        self.reset_position_ids = reset_position_ids
+        self.base_length = int(base[0]["tokens"].shape[0]) if len(base) else 0
+        available = len(base) * self.base_length - self.start
+        self._len = max(0, available // self.seq_length)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, j: int) -> Dict[str, np.ndarray]:
+        if not 0 <= j < self._len:
+            raise IndexError(f"sample {j} of a view of {self._len}")
+        lb, p0 = self.base_length, self.start + j * self.seq_length
+        p1 = p0 + self.seq_length
+        parts: Dict[str, List[np.ndarray]] = {k: [] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        for k in range(p0 // lb, (p1 - 1) // lb + 1):
+            sample = self.base[k]
+            a, b = max(p0, k * lb) - k * lb, min(p1, (k + 1) * lb) - k * lb
+            for key in parts:
+                parts[key].append(np.asarray(sample[key])[a:b])
+        out = {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+        if not self.reset_position_ids:
+            out["position_ids"] = np.arange(self.seq_length, dtype=out["position_ids"].dtype)
+        return out
+
+
+def positions_needed(samples: int, seq_length: int, base_length: int) -> int:
+    """Base samples of ``base_length`` a view needs for ``samples`` of ``seq_length`` from 0."""
+    return -(-samples * seq_length // base_length)
 
 
 def micro_batch_indices(total: int, consumed: int, micro_batch_size: int, dp_size: int,
@@ -119,6 +191,8 @@ class BatchStream:
     """Micro-batches of one dataset for this data-parallel rank, from ``consumed`` samples on.
 
     ``consumed`` counts global samples (all ranks), as Megatron's ``consumed_*_samples``.
+    ``micro_batch_size`` x ``dp_size`` samples are read per call, ``micro_batch_size`` of
+    them by this rank.
     """
 
     def __init__(self, dataset, name: str, consumed: int, micro_batch_size: int, dp_size: int, dp_rank: int):

@@ -5,16 +5,31 @@ checkpoint, optimizer, data) and trains from the checkpoint's iteration to
 ``--train-iters``. One iteration:
 
 1. each plug-in's ``begin_step`` (MaskLLM: the Gumbel schedules move to ``t = iteration``);
-2. ``num_microbatches`` forward/backward passes, each loss (token mean) divided by their
-   number; gradients accumulate in one fp32 buffer;
+2. the stage's ``num_microbatches`` forward/backward passes, each loss (token mean) divided
+   by their number; gradients accumulate in one fp32 buffer;
 3. each plug-in's ``extra_loss`` (its backward runs once), then ``after_backward``;
 4. gradients averaged over data parallelism, clipped by global norm, AdamW step, and the
-   learning-rate schedule advances by one global batch.
+   learning-rate schedule advances by one global batch (one iteration for a staged plan).
+
+The plan (``plan``: one stage, or ``--curriculum`` / ``--step-batch-size-schedule``
+stages) sets each iteration's sequence length, global batch, micro-batch and LR scale.
+Entering a stage switches the training samples to its length at the position in the
+data the run has reached (``data.TokenStreamView``); ``--micro-batch-size auto`` chooses
+each stage's micro-batch by probing real steps before training (``microbatch``).
 
 Every ``--log-interval`` a line is printed and logged, every ``--eval-interval`` the
-validation split (and ``--eval-data-path``) is evaluated, every ``--save-interval`` a
-checkpoint is saved; ``--exit-interval`` / SIGTERM (``--exit-signal-handler``) stop
-after saving.
+validation split and each ``--eval-data-path`` set are evaluated (loss, perplexity,
+next-token accuracy, the gap to the training loss), every ``--save-interval`` a
+checkpoint is saved; ``--exit-interval`` / SIGTERM (``--exit-signal-handler``) /
+``--early-stop-patience`` stop after saving. ``--save-best`` keeps ``<save>/best``, the
+checkpoint of the lowest validation loss.
+
+Evaluation data: a one-stage run reads the next ``--eval-iters`` global batches at each
+evaluation (Megatron-LM's order). A staged run, and the fixed ``--eval-seq-length`` pass
+of any run, read the same tokens at every evaluation (the first ``eval-iters x global
+batch x sequence length`` of the last stage, cut at the length evaluated), so the numbers
+compare across evaluations; early stopping and ``--save-best`` follow the validation
+loss at ``--eval-seq-length`` when given, else at the stage's length.
 
 ``--load``: a checkpoint this trainer wrote is resumed (weights, plug-in tensors such as
 mask logits, optimizer, schedule, random state, data position; ``--no-load-optim``
@@ -45,8 +60,11 @@ from megatron_ext.errors import RunError
 from megatron_ext.models.config import LlamaConfig
 from megatron_ext.training.arguments import ArgsError, parse_args
 from megatron_ext.training.config import RunConfig
-from megatron_ext.training.data import BatchStream, DataError, build_datasets, check_data_paths, sample_counts
+from megatron_ext.training.data import (BatchStream, DataError, TokenStreamView, build_datasets, check_data_paths,
+                                        eval_sets, positions_needed, sample_counts)
 from megatron_ext.training.evaluate import evaluate, masked_loss_sums
+from megatron_ext.training.microbatch import GiB, choose_micro_batches
+from megatron_ext.training.plan import Stage, TrainingPlan
 from megatron_ext.training.optimizer import TrainOptimizer, param_groups
 from megatron_ext.training.plugins import TrainerPlugin, build_plugins
 from megatron_ext.training.reporting import RunLogger
@@ -70,8 +88,10 @@ class TrainResult:
     evals: List[Dict[str, Any]]          # one record per evaluation
     checkpoints: List[Path]
     consumed_train_samples: int
-    stop_reason: str                     # "train_iters", "exit_interval" or "signal"
+    stop_reason: str                     # "train_iters", "exit_interval", "signal" or "early_stop"
     log_dir: Optional[Path] = None
+    plan: Optional[TrainingPlan] = None  # with the micro-batches the run used
+    best: Optional[Dict[str, Any]] = None  # lowest validation loss: {"loss", "iteration"}
 
 
 class _StopFlag:
@@ -120,14 +140,20 @@ class Run:
         probe_output_dirs(c)
         ckpt = find_load_checkpoint(c.checkpoint)
         self.tokenizer, self.tokenizer_type = resolve_tokenizer(c.data, ckpt)
-        self.cfg = resolve_model_config(c.model, self.tokenizer, ckpt, seq_length=c.data.seq_length,
+        self.plan = c.plan
+        self.cfg = resolve_model_config(c.model, self.tokenizer, ckpt,
+                                        seq_length=max(c.data.seq_length, c.logging.eval_seq_length or 0),
                                         tp=c.parallel.tensor_model_parallel_size, plugins=self.plugins)
         check_data_paths(c.data.data_path, "--data-path", self.cfg.vocab_size)
-        if c.data.eval_data_path is not None:
-            check_data_paths(c.data.eval_data_path, "--eval-data-path", self.cfg.vocab_size)
+        for name, blend in eval_sets(c.data.eval_data_path):
+            check_data_paths(blend, "--eval-data-path" + (f" {name}" if name != "eval_data" else ""),
+                             self.cfg.vocab_size)
 
         lg = c.logging
-        self.log = RunLogger(lg.log_dir, lg.tag, enabled=platform.is_rank0(), tensorboard_dir=lg.tensorboard_dir)
+        wandb = {k: v for k, v in (("wandb_project", lg.wandb_project), ("wandb_exp_name", lg.wandb_exp_name),
+                                   ("wandb_save_dir", lg.wandb_save_dir)) if v is not None}
+        self.log = RunLogger(lg.log_dir, lg.tag, enabled=platform.is_rank0(), tensorboard_dir=lg.tensorboard_dir,
+                             **wandb)
         try:
             self._setup(ckpt)
         except BaseException:
@@ -137,8 +163,20 @@ class Run:
     def _setup(self, ckpt: Optional[CheckpointInfo]) -> None:
         c, log, d = self.config, self.log, self.dinfo
         o = c.optim
-        log.print(f"> {d.world_size} process(es): TP={d.tp_size} DP={d.dp_size}, {o.num_microbatches} micro-batch(es) "
-                  f"of {o.micro_batch_size} per global batch of {o.global_batch_size}")
+        if self.plan.staged:
+            log.print(f"> {d.world_size} process(es): TP={d.tp_size} DP={d.dp_size}; {len(self.plan.stages)} stages "
+                      f"from {self.plan.source}:")
+            for line in self.plan.describe():
+                log.print(line)
+        else:
+            mb = "auto" if o.micro_batch_size is None else o.micro_batch_size
+            log.print(f"> {d.world_size} process(es): TP={d.tp_size} DP={d.dp_size}, "
+                      + (f"{o.num_microbatches} micro-batch(es) " if o.micro_batch_size else "micro-batches ")
+                      + f"of {mb} per global batch of {o.global_batch_size}")
+        if o.lr_scaling is not None:
+            log.print(f"> --lr-scaling {o.lr_scaling}: LR {o.lr:.6g} and min LR {o.min_lr:.6g} for global batch "
+                      f"{o.global_batch_size} (x{o.lr_scale_factor:.4g} of the values for "
+                      f"--lr-base-batch-size {o.lr_base_batch_size})")
         log.print(f"> model {self.cfg.name}: {self.cfg.num_parameters():,} parameters, "
                   f"{'bf16' if c.model.bf16 else 'fp32'}, "
                   + (", ".join(p.describe() for p in self.plugins) or "dense"))
@@ -158,11 +196,25 @@ class Run:
                 plugin.load_checkpoint_info(ckpt.extra[plugin.name])
         self._build_optimizer()
         if resume:
+            self.plan.check_resume(train_state.get("plan"), self.iteration, str(ckpt.iter_dir))
+        if not self.plan.resolved:
+            self._resolve_micro_batches(train_state.get("plan") if resume else None)
+        if resume:
             self._restore_optimizer(ckpt, payload, train_state)
         self.consumed_train = int(train_state.get("consumed_train_samples", 0))
-        if self.consumed_train != self.iteration * o.global_batch_size:
+        expected = self.plan.samples_at(self.iteration)
+        if self.consumed_train != expected:
             raise ArgsError(f"--global-batch-size {o.global_batch_size}: the checkpoint consumed "
-                            f"{self.consumed_train} samples in {self.iteration} iterations (a different global batch)")
+                            f"{self.consumed_train} samples in {self.iteration} iterations, this run's plan "
+                            f"{expected} (a different global batch)")
+        stopping = dict(train_state.get("early_stop") or {})
+        self.best = stopping.get("best")                          # {"loss", "iteration"} or None
+        self.reference_loss = stopping.get("reference_loss")     # the loss improvements are measured from
+        self.evals_without_improvement = int(stopping.get("evals_without_improvement", 0))
+        # training losses since the last evaluation (sum, count) and their mean at the last
+        # one: the train/validation gap
+        self.train_loss_since_eval = list(train_state.get("train_loss_since_eval", (0.0, 0)))
+        self.last_train_loss: Optional[float] = train_state.get("last_train_loss")
         self._build_data(train_state)
         # random state last: everything above may draw from it
         if resume and payload is not None and not c.checkpoint.no_load_rng and payload.get("rng_state"):
@@ -220,10 +272,97 @@ class Run:
                                         eps=o.adam_eps, fused=platform.fused_optimizer_available(),
                                         dp_group=self.dp_group, model_parallel_group=self.mp_group,
                                         tp_rank=self.dinfo.tp_rank)
-        self.scheduler = ParamScheduler(self.optimizer, lr_schedule(o), o.weight_decay)
+        self.scheduler = ParamScheduler(self.optimizer, lr_schedule(o, self._schedule_unit), o.weight_decay)
         trainable = sum(e.param.numel() for e in self.optimizer.entries)
         counts = ", ".join(f"{g['name']}: {len(g['params'])} tensors" for g in self.optimizer.param_groups)
         self.log.print(f"> trainable parameters on this rank: {trainable:,} ({counts})")
+
+    @property
+    def _schedule_unit(self) -> int:
+        """What one iteration advances the schedule by: Megatron's samples of the global batch,
+        or one iteration for a staged plan (whose global batch changes)."""
+        return 1 if self.plan.staged else self.plan.stages[0].global_batch_size
+
+    def _resolve_micro_batches(self, saved_plan: Optional[Dict[str, Any]]) -> None:
+        """``--micro-batch-size auto``: the checkpoint's choice when resuming the same plan,
+        else the largest micro-batch per stage that fits (probed, agreed by all ranks)."""
+        o, log = self.config.optim, self.log
+        sizes = self.plan.saved_micro_batches(saved_plan)
+        if sizes is not None:
+            log.print(f"> --micro-batch-size auto: the checkpoint's choice {sizes}")
+        else:
+            capacity = platform.memory_capacity_bytes()
+            if platform.has_cuda() or o.memory_budget_gib is None:
+                budget = int(capacity * o.memory_target_fraction)
+            else:
+                budget = int(o.memory_budget_gib * GiB)
+            t0 = time.perf_counter()
+            sizes, search = choose_micro_batches(self.plan, self._probe_step, budget)
+            self.micro_batch_probes = dict(search.probes)   # (seq length, micro-batch) -> peak bytes
+            probes = ", ".join(f"{m} x {s}: " + ("out of memory" if b is None else f"{b / GiB:.2f} GiB")
+                               for (s, m), b in sorted(search.probes.items()))
+            log.print(f"> --micro-batch-size auto: budget {budget / GiB:.2f} GiB; probed (micro-batch x seq) "
+                      f"{probes}; chose {sizes} ({time.perf_counter() - t0:.1f} s)")
+            # a fresh optimizer: the probes' AdamW state must not reach training
+            self.optimizer.close()
+            self._build_optimizer()
+        self.plan = self.plan.with_micro_batches(sizes)
+        for line in self.plan.describe() if self.plan.staged else ():
+            log.print(line)
+
+    def _probe_step(self, seq_length: int, micro_batch_size: int) -> Optional[int]:
+        """Peak memory (bytes, largest over ranks) of one training step of ``micro_batch_size``
+        samples of ``seq_length`` random tokens: forward, backward, plug-in hooks, clipping
+        and an AdamW step at learning rate 0 (weights unchanged). None: out of memory.
+        The random state is restored afterwards."""
+        from megatron_ext.checkpoint.train_state import rng_state
+
+        saved_rng = rng_state()
+        gen = torch.Generator().manual_seed(micro_batch_size * 100003 + seq_length)
+        tokens = torch.randint(0, self.cfg.vocab_size, (micro_batch_size, seq_length + 1), generator=gen)
+        batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                 "loss_mask": torch.ones(micro_batch_size, seq_length),
+                 "position_ids": torch.arange(seq_length).expand(micro_batch_size, seq_length)}
+        live = self._live_bytes()
+        peak: Optional[int] = None
+        try:
+            with platform.PeakMemory(live) as measured:
+                for plugin in self.plugins:
+                    plugin.begin_step(self.model, self.iteration, self.config.optim.train_iters)
+                self.optimizer.zero_grad()
+                total, count = masked_loss_sums(self.model, batch)
+                (total / count.clamp_min(1.0)).backward()
+                for plugin in self.plugins:
+                    extra = plugin.extra_loss(self.model, self.iteration, self.config.optim.train_iters)
+                    if extra is not None:
+                        extra.backward()
+                for plugin in self.plugins:
+                    plugin.after_backward(self.model)
+                self.optimizer.reduce_gradients()
+                self.optimizer.clip_gradients(self.config.optim.clip_grad)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = 0.0
+                    group["weight_decay"] = 0.0
+                self.optimizer.step()
+            peak = measured.bytes
+        except Exception as e:  # noqa: BLE001 - only running out of memory is an answer
+            if not platform.is_out_of_memory(e):
+                raise
+        finally:
+            self.optimizer.zero_grad()
+            self.scheduler.step(0)
+            set_rng_state(saved_rng, "the micro-batch probe")
+            platform.release_cached_memory()
+        worst = platform.max_over_ranks(-1.0 if peak is None else float(peak))
+        return None if worst < 0 or not platform.all_agree(peak is not None) else int(worst)
+
+    def _live_bytes(self) -> int:
+        """What a step keeps besides its activations: parameters, the fp32 gradient buffer,
+        fp32 main copies and AdamW's two fp32 moments per trained element."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        trained = sum(e.param.numel() for e in self.optimizer.entries)
+        mains = sum(e.main.numel() * 4 for e in self.optimizer.entries if e.main is not e.param)
+        return params + self.optimizer.grad_buffer.numel() * 4 + mains + 8 * trained
 
     def _restore_optimizer(self, ckpt: CheckpointInfo, payload: Optional[Dict[str, Any]],
                            train_state: Dict[str, Any]) -> None:
@@ -231,7 +370,7 @@ class Run:
         where = str(ckpt.shard_path(self.dinfo.tp_rank))
         if ck.no_load_optim:
             # a fresh optimizer; the learning rate continues where the run left off
-            self.scheduler.step(int(train_state.get("consumed_train_samples", 0)))
+            self.scheduler.step(self.iteration if self.plan.staged else self.plan.samples_at(self.iteration))
             return
         if "optimizer" not in payload:
             raise CheckpointError(f"{where}: no optimizer state (saved with --no-save-optim); pass "
@@ -245,8 +384,7 @@ class Run:
     def _build_data(self, train_state: Dict[str, Any]) -> None:
         """Datasets (rank 0 first, so a shared index cache is written once) and this rank's streams."""
         c, d, log = self.config, self.dinfo, self.log
-        o, lg = c.optim, c.logging
-        counts = sample_counts(o.train_iters, o.global_batch_size, lg.eval_interval, lg.eval_iters)
+        counts = self._sample_counts()
         if platform.world_size() > 1 and c.data.data_cache_path is not None:
             datasets = build_datasets(c.data, counts, self.tokenizer) if platform.is_rank0() else None
             platform.barrier()
@@ -255,32 +393,111 @@ class Run:
         else:
             datasets = build_datasets(c.data, counts, self.tokenizer)
         self.datasets = datasets
-        mbs, dp, dpr = o.micro_batch_size, d.dp_size, d.dp_rank
-        self.train_stream = BatchStream(datasets.train, "training", self.consumed_train, mbs, dp, dpr)
-        self.valid_stream = (BatchStream(datasets.valid, "validation", int(train_state.get("consumed_valid_samples", 0)),
-                                         mbs, dp, dpr) if datasets.valid is not None else None)
-        self.extra_stream = (BatchStream(datasets.extra_valid, "--eval-data-path",
-                                         int(train_state.get("consumed_extra_valid_samples", 0)), mbs, dp, dpr)
-                             if datasets.extra_valid is not None else None)
+        self._stage_index: Optional[int] = None
+        self._enter_stage(self.plan.index_at(self.iteration), quiet=True)
+        # Megatron's advancing validation order (one-stage runs): where each set stands
+        consumed = dict(train_state.get("consumed_eval_samples") or {})
+        consumed.setdefault("valid", int(train_state.get("consumed_valid_samples", 0)))
+        if "consumed_extra_valid_samples" in train_state:
+            consumed.setdefault("eval_data", int(train_state["consumed_extra_valid_samples"]))
+        self.eval_streams: Dict[str, BatchStream] = {}
+        if not self.plan.staged:
+            stage = self.plan.stages[0]
+            for name, ds in self._eval_datasets().items():
+                self.eval_streams[name] = BatchStream(ds, f"{name} evaluation", int(consumed.get(name, 0)),
+                                                      stage.micro_batch_size, d.dp_size, d.dp_rank)
         log.print(f"> data: {len(datasets.train)} training samples"
+                  + (f" of {c.data.seq_length} tokens" if self.plan.staged else "")
                   + (f", {len(datasets.valid)} validation" if datasets.valid is not None else "")
-                  + (f", {len(datasets.extra_valid)} from --eval-data-path" if datasets.extra_valid is not None else "")
+                  + "".join(f", {len(ds)} in {name}" for name, ds in datasets.extra_valid.items())
                   + (f"; resuming at iteration {self.iteration} ({self.consumed_train} samples consumed)"
                      if self.iteration else ""))
+
+    def _eval_datasets(self) -> Dict[str, Any]:
+        out = {"valid": self.datasets.valid} if self.datasets.valid is not None else {}
+        out.update(self.datasets.extra_valid)
+        return out
+
+    def _eval_tokens(self) -> int:
+        """Tokens a fixed-data evaluation covers: ``--eval-iters`` global batches of the last stage."""
+        last = self.plan.active()[-1]
+        return self.config.logging.eval_iters * last.tokens_per_iteration
+
+    def _eval_shape(self, seq_length: int, stage: Stage) -> tuple[int, int]:
+        """(micro-batch, micro-batch steps) of a fixed-data evaluation at ``seq_length``
+        during ``stage``: micro-batches no larger in tokens than the stage's."""
+        dp = self.dinfo.dp_size
+        micro = max(1, stage.micro_batch_size * stage.seq_length // seq_length)
+        steps = -(-self._eval_tokens() // (seq_length * micro * dp))
+        return micro, steps
+
+    def _eval_lengths(self, stage: Stage) -> List[int]:
+        """The fixed-data evaluation lengths during ``stage``."""
+        lengths = [stage.seq_length] if self.plan.staged else []
+        e = self.config.logging.eval_seq_length
+        if e is not None and e not in lengths:
+            lengths.append(e)
+        return lengths
+
+    def _sample_counts(self) -> List[int]:
+        """``[train, valid, test]`` samples of the base datasets (``--seq-length`` each)."""
+        o, lg, base = self.config.optim, self.config.logging, self.config.data.seq_length
+        if self.plan.staged:
+            counts = [positions_needed(self.plan.tokens_at(o.train_iters), 1, base) + 1, 0, 0]
+        else:
+            counts = sample_counts(o.train_iters, o.global_batch_size, lg.eval_interval, lg.eval_iters)
+        if lg.eval_iters > 0:
+            dp = self.dinfo.dp_size
+            for stage in self.plan.active():
+                for length in self._eval_lengths(stage):
+                    micro, steps = self._eval_shape(length, stage)
+                    counts[1] = max(counts[1], positions_needed(steps * micro * dp, length, base) + 1)
+            if self.plan.staged:
+                last = self.plan.active()[-1]
+                micro, steps = self._eval_shape(last.seq_length, last)
+                counts[2] = positions_needed(steps * micro * dp, last.seq_length, base) + 1
+        return counts
+
+    def _view(self, dataset, seq_length: int, start: int = 0):
+        """``dataset`` itself at its own length from 0, else a view cut at ``seq_length``."""
+        if start == 0 and seq_length == self.config.data.seq_length:
+            return dataset
+        return TokenStreamView(dataset, seq_length, start, self.config.data.reset_position_ids)
+
+    def _enter_stage(self, index: int, quiet: bool = False) -> None:
+        """Training samples, micro-batches and LR scale of stage ``index`` (at the run's position)."""
+        stage, d = self.plan.stages[index], self.dinfo
+        start = self.plan.tokens_at(stage.start) if self.plan.staged else 0
+        view = self._view(self.datasets.train, stage.seq_length, start)
+        consumed = self.consumed_train - self.plan.samples_at(stage.start)
+        self.train_stream = BatchStream(view, "training", consumed, stage.micro_batch_size, d.dp_size, d.dp_rank)
+        self.scheduler.scale = stage.lr_scale
+        self.scheduler.step(0)
+        self._stage_index = index
+        if not quiet or (self.plan.staged and self.iteration > 0):
+            self.log.print(f"> stage {index + 1}/{len(self.plan.stages)} from iteration {self.iteration}: seq length "
+                           f"{stage.seq_length}, global batch {stage.global_batch_size} ({stage.num_microbatches(d.dp_size)}"
+                           f" micro-batch(es) of {stage.micro_batch_size}), LR scale {stage.lr_scale:g}, "
+                           f"{self.plan.tokens_at(self.iteration):,} tokens seen")
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self) -> Dict[str, Any]:
         o = self.config.optim
         t = self.iteration  # completed iterations
+        index = self.plan.index_at(t)
+        if index != self._stage_index:
+            self._enter_stage(index)
+        stage = self.plan.stages[index]
+        num_microbatches = stage.num_microbatches(self.dinfo.dp_size)
         for plugin in self.plugins:
             plugin.begin_step(self.model, t, o.train_iters)
         self.optimizer.zero_grad()
         loss_sum = torch.zeros((), dtype=torch.float32, device=platform.device())
-        for _ in range(o.num_microbatches):
+        for _ in range(num_microbatches):
             batch = self.train_stream.next()
             total, count = masked_loss_sums(self.model, batch)
             loss = total / count.clamp_min(1.0)
-            (loss / o.num_microbatches).backward()
+            (loss / num_microbatches).backward()
             loss_sum += loss.detach()
         for plugin in self.plugins:
             extra = plugin.extra_loss(self.model, t, o.train_iters)
@@ -289,7 +506,7 @@ class Run:
         for plugin in self.plugins:
             plugin.after_backward(self.model)
         self.optimizer.reduce_gradients()
-        loss_avg = (loss_sum / o.num_microbatches).reshape(1)
+        loss_avg = (loss_sum / num_microbatches).reshape(1)
         if self.dinfo.dp_size > 1:
             dist.all_reduce(loss_avg, group=self.dp_group)
             loss_avg /= self.dinfo.dp_size
@@ -301,10 +518,15 @@ class Run:
                                 "(lower --lr, or check the data)")
         zeros = self.optimizer.count_zeros() if self.config.logging.log_num_zeros_in_grad else None
         self.optimizer.step()
-        self.scheduler.step(o.global_batch_size)
+        self.scheduler.step(self._schedule_unit)
         self.iteration += 1
-        self.consumed_train += o.global_batch_size
-        record = {"iteration": self.iteration, "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+        self.consumed_train += stage.global_batch_size
+        self.train_loss_since_eval = [self.train_loss_since_eval[0] + loss_value, self.train_loss_since_eval[1] + 1]
+        record = {"iteration": self.iteration, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "global_batch_size": stage.global_batch_size, "seq_length": stage.seq_length,
+                  "tokens": self.plan.tokens_at(self.iteration)}
+        if self.plan.staged:
+            record.update(stage=index + 1, lr_scale=stage.lr_scale)
         if zeros is not None:
             record["num_zeros"] = zeros
         for plugin in self.plugins:
@@ -312,48 +534,119 @@ class Run:
         return record
 
     # ------------------------------------------------------------------ evaluation, checkpoints
-    def _evaluate(self, stream) -> Dict[str, float]:
-        o = self.config.optim
-        return evaluate(self.model, stream, self.config.logging.eval_iters, o.num_microbatches, self.dp_group)
+    def _eval_passes(self, datasets: Dict[str, Any]) -> List[tuple]:
+        """``(name, stream, steps, seq_length)`` of each evaluation now: per set, the stage's
+        length (advancing for one-stage runs, fixed for staged ones) and ``--eval-seq-length``."""
+        stage, d = self.plan.stage_at(max(0, self.iteration - 1)), self.dinfo
+        passes = []
+        for name, ds in datasets.items():
+            if name in self.eval_streams:
+                steps = self.config.logging.eval_iters * stage.num_microbatches(d.dp_size)
+                passes.append((name, self.eval_streams[name], steps, stage.seq_length))
+            for length in self._eval_lengths(stage):
+                micro, steps = self._eval_shape(length, stage)
+                label = name if (self.plan.staged and length == stage.seq_length) else f"{name}@{length}"
+                stream = BatchStream(self._view(ds, length), f"{label} evaluation", 0, micro, d.dp_size, d.dp_rank)
+                passes.append((label, stream, steps, length))
+        return passes
 
-    def run_evaluation(self, label: str) -> None:
-        for name, stream in (("valid", self.valid_stream), ("eval_data", self.extra_stream)):
-            if stream is None:
-                continue
-            result = self._evaluate(stream)
-            self.evals.append({"iteration": self.iteration, "set": name, "when": label, **result})
-            self.log.metrics(f"eval/{name}", self.iteration, {"loss": result["loss"], "ppl": result["ppl"]},
-                             self.consumed_train)
-            self.log.print(f" {name} loss at {label}: {result['loss']:.6E} | {name} PPL: {result['ppl']:.6E} |")
+    def _evaluate_sets(self, datasets: Dict[str, Any], when: str, train_loss: Optional[float]) -> List[Dict[str, Any]]:
+        results = []
+        for name, stream, steps, length in self._eval_passes(datasets):
+            result = evaluate(self.model, stream, steps, 1, self.cfg.vocab_size, self.dp_group)
+            record = {"iteration": self.iteration, "set": name, "when": when, "seq_length": length, **result}
+            if train_loss is not None:
+                record["gap"] = result["loss"] - train_loss
+            self.evals.append(record)
+            results.append(record)
+            self.log.metrics(f"eval/{name}", self.iteration,
+                             {k: record[k] for k in ("loss", "ppl", "accuracy", "tokens", "seq_length", "gap")
+                              if k in record}, self.consumed_train)
+            self.log.print(f" {name} loss at {when}: {result['loss']:.6E} | {name} PPL: {result['ppl']:.6E} | "
+                           f"{name} accuracy: {result['accuracy']:.4f} | tokens: {result['tokens']}"
+                           + (f" | gap to training loss: {record['gap']:+.4f}" if "gap" in record else "") + " |")
+        return results
+
+    def run_evaluation(self, label: str) -> Optional[float]:
+        """Evaluate every set; returns the loss early stopping and ``--save-best`` follow."""
+        total, count = self.train_loss_since_eval
+        if count:
+            self.last_train_loss = total / count
+        self.train_loss_since_eval = [0.0, 0]
+        results = self._evaluate_sets(self._eval_datasets(), label, self.last_train_loss)
+        return self._monitored(results)
+
+    def _monitored(self, results: List[Dict[str, Any]]) -> Optional[float]:
+        """The validation loss (the first set when there is no validation split), at
+        ``--eval-seq-length`` when given."""
+        if not results:
+            return None
+        first = results[0]["set"].split("@")[0]
+        e = self.config.logging.eval_seq_length
+        wanted = f"{first}@{e}" if e is not None else None
+        chosen = next((r for r in results if r["set"] == wanted), None) or results[0]
+        return chosen["loss"]
 
     def run_test(self) -> None:
         if self.datasets.test is None:
             return
-        stream = BatchStream(self.datasets.test, "test", 0, self.config.optim.micro_batch_size, self.dinfo.dp_size,
-                             self.dinfo.dp_rank)
-        result = self._evaluate(stream)
-        self.evals.append({"iteration": self.iteration, "set": "test", "when": "the end of training", **result})
-        self.log.metrics("eval/test", self.iteration, {"loss": result["loss"], "ppl": result["ppl"]})
-        self.log.print(f" test loss at the end of training: {result['loss']:.6E} | test PPL: {result['ppl']:.6E} |")
+        self._evaluate_sets({"test": self.datasets.test} if self.plan.staged else {}, "the end of training", None)
+        if not self.plan.staged:
+            stage = self.plan.stages[0]
+            stream = BatchStream(self.datasets.test, "test", 0, stage.micro_batch_size, self.dinfo.dp_size,
+                                 self.dinfo.dp_rank)
+            result = evaluate(self.model, stream, self.config.logging.eval_iters,
+                              stage.num_microbatches(self.dinfo.dp_size), self.cfg.vocab_size, self.dp_group)
+            self.evals.append({"iteration": self.iteration, "set": "test", "when": "the end of training", **result})
+            self.log.metrics("eval/test", self.iteration, {k: result[k] for k in ("loss", "ppl", "accuracy")})
+            self.log.print(f" test loss at the end of training: {result['loss']:.6E} | test PPL: {result['ppl']:.6E} | "
+                           f"test accuracy: {result['accuracy']:.4f} |")
 
-    def save(self) -> Path:
+    def _update_best(self, loss: Optional[float]) -> bool:
+        """Track the lowest validation loss (saving ``<save>/best``) and the evaluations
+        without improvement; True when ``--early-stop-patience`` says stop."""
+        lg = self.config.logging
+        if loss is None:
+            return False
+        if self.best is None or loss < self.best["loss"]:
+            self.best = {"loss": loss, "iteration": self.iteration}
+            if self.config.checkpoint.save_best:
+                self.save(best=True)
+        if self.reference_loss is None or loss < self.reference_loss - lg.early_stop_min_delta:
+            self.reference_loss = loss
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        return lg.early_stop_patience is not None and self.evals_without_improvement >= lg.early_stop_patience
+
+    def save(self, best: bool = False) -> Path:
+        """A checkpoint of this iteration in ``--save`` (or its ``best`` directory)."""
         ck = self.config.checkpoint
         t0 = time.perf_counter()
         train_state = {"iteration": self.iteration, "consumed_train_samples": self.consumed_train,
-                       "consumed_valid_samples": self.valid_stream.consumed if self.valid_stream else 0,
-                       "consumed_extra_valid_samples": self.extra_stream.consumed if self.extra_stream else 0}
+                       "consumed_eval_samples": {n: s.consumed for n, s in self.eval_streams.items()},
+                       "consumed_valid_samples": self.eval_streams["valid"].consumed if "valid" in self.eval_streams
+                       else 0,
+                       "plan": self.plan.to_record(), "stage": self.plan.index_at(max(0, self.iteration - 1)) + 1,
+                       "tokens_seen": self.plan.tokens_at(self.iteration),
+                       "train_loss_since_eval": list(self.train_loss_since_eval),
+                       "last_train_loss": self.last_train_loss,
+                       "early_stop": {"best": self.best, "reference_loss": self.reference_loss,
+                                      "evals_without_improvement": self.evals_without_improvement}}
         info_extra: Dict[str, Any] = {"training": {**train_state, "tag": self.config.logging.tag}}
         for plugin in self.plugins:
             section = plugin.checkpoint_info(self.iteration)
             if section:
                 info_extra[plugin.name] = section
         path = save_training_checkpoint(
-            ck.save, self.iteration, self.cfg, self.model, scheduler=self.scheduler,
-            optimizer=None if ck.no_save_optim else self.optimizer, save_rng=not ck.no_save_rng,
-            train_state=train_state, run_args=self.config.run_args(), info_extra=info_extra,
-            tokenizer_source=self.tokenizer.path, tokenizer_type=self.tokenizer_type, keep_last=ck.keep_last)
-        self.checkpoints.append(path)
-        self.log.print(f"> saved checkpoint at iteration {self.iteration} to {path} "
+            Path(ck.save) / "best" if best else ck.save, self.iteration, self.cfg, self.model,
+            scheduler=self.scheduler, optimizer=None if ck.no_save_optim else self.optimizer,
+            save_rng=not ck.no_save_rng, train_state=train_state, run_args=self.config.run_args(),
+            info_extra=info_extra, tokenizer_source=self.tokenizer.path, tokenizer_type=self.tokenizer_type,
+            keep_last=1 if best else ck.keep_last)
+        if not best:
+            self.checkpoints.append(path)
+        self.log.print(f"> saved {'the best ' if best else ''}checkpoint at iteration {self.iteration} to {path} "
                        f"({time.perf_counter() - t0:.2f} s)")
         return path
 
@@ -364,17 +657,25 @@ class Run:
         last = records[-1]
         per_iter = seconds / n
         loss = sum(r["loss"] for r in records) / n
-        tokens_per_s = o.global_batch_size * self.config.data.seq_length / per_iter
+        tokens_per_s = sum(r["global_batch_size"] * r["seq_length"] for r in records) / seconds
+        staged = self.plan.staged
         fields = [("consumed samples", self.consumed_train, "d"),
                   ("elapsed time per iteration (ms)", per_iter * 1000.0, ".1f"),
                   ("tokens/s", tokens_per_s, ".0f"),
                   ("learning rate", last["lr"], ".6E"),
-                  ("global batch size", o.global_batch_size, "d"),
+                  ("global batch size", last["global_batch_size"], "d"),
+                  ("stage", last.get("stage"), "d"),
+                  ("seq length", last["seq_length"] if staged else None, "d"),
+                  ("lr scale", last.get("lr_scale"), "g"),
+                  ("tokens seen", last["tokens"] if staged else None, "d"),
                   ("lm loss", loss, ".6E"),
                   ("grad norm", last["grad_norm"], ".3f"),
                   ("num zeros", last.get("num_zeros"), "d")]
         metrics = {"loss": loss, "lr": last["lr"], "grad_norm": last["grad_norm"], "ms_per_iter": per_iter * 1000.0,
-                   "tokens_per_s": tokens_per_s}
+                   "tokens_per_s": tokens_per_s, "global_batch_size": last["global_batch_size"],
+                   "seq_length": last["seq_length"], "tokens": last["tokens"]}
+        if staged:
+            metrics.update(stage=last["stage"], lr_scale=last["lr_scale"])
         for plugin in self.plugins:
             for label, value, fmt, key in plugin.log_fields(self.model):
                 fields.append((label, value, fmt))
@@ -407,19 +708,27 @@ class Run:
                     now = time.perf_counter()
                     self._log_interval(window, now - t_window)
                     window = []
+                early_stop = False
                 if lg.eval_iters > 0 and self.iteration % lg.eval_interval == 0:
-                    self.run_evaluation(f"iteration {self.iteration}")
+                    early_stop = self._update_best(self.run_evaluation(f"iteration {self.iteration}"))
                 if ck.save is not None and ck.save_interval and self.iteration % ck.save_interval == 0:
                     self.save()
                     saved_at = self.iteration
-                if lg.exit_signal_handler and stop.agreed():
+                if early_stop:
+                    reason = "early_stop"
+                elif lg.exit_signal_handler and stop.agreed():
                     reason = "signal"
                 elif lg.exit_interval and self.iteration % lg.exit_interval == 0:
                     reason = "exit_interval"
                 if reason != "train_iters":
                     if ck.save is not None and saved_at != self.iteration:
                         self.save()
-                    self.log.print(f"> stopping at iteration {self.iteration} ({reason.replace('_', ' ')})")
+                    why = reason.replace("_", " ")
+                    if reason == "early_stop":
+                        why = (f"early stop: {self.evals_without_improvement} evaluations without the validation "
+                               f"loss falling below {self.reference_loss:.6f} - {lg.early_stop_min_delta:g}; the "
+                               f"best was {self.best['loss']:.6f} at iteration {self.best['iteration']}")
+                    self.log.print(f"> stopping at iteration {self.iteration} ({why})")
                     break
                 if not window:
                     platform.synchronize()
@@ -429,13 +738,13 @@ class Run:
                         and self.iteration > self.start_iteration:
                     self.save()
                 if lg.eval_iters > 0:
-                    self.run_evaluation("the end of training")
+                    self._update_best(self.run_evaluation("the end of training"))
                     self.run_test()
         finally:
             stop.restore()
         return TrainResult(iteration=self.iteration, start_iteration=self.start_iteration, history=self.history,
                            evals=self.evals, checkpoints=self.checkpoints, consumed_train_samples=self.consumed_train,
-                           stop_reason=reason, log_dir=self.log.run_dir)
+                           stop_reason=reason, log_dir=self.log.run_dir, plan=self.plan, best=self.best)
 
     def close(self) -> None:
         opt = getattr(self, "optimizer", None)

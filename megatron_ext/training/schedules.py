@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 from megatron_ext.errors import MegatronExtError
 
 DECAY_STYLES = ("constant", "linear", "cosine")
@@ -69,10 +69,11 @@ class LRSchedule:
         return min_lr + coeff * (max_lr - min_lr)
 
 
-def lr_schedule(optim) -> LRSchedule:
-    """Megatron-LM's iteration-based schedule for an ``OptimConfig``: lengths in samples of
-    the global batch."""
-    gbs = optim.global_batch_size
+def lr_schedule(optim, unit: Optional[int] = None) -> LRSchedule:
+    """Megatron-LM's iteration-based schedule for an ``OptimConfig``: lengths in ``unit``s
+    per iteration (Megatron's samples of the global batch by default; 1 counts iterations,
+    as a staged plan does)."""
+    gbs = optim.global_batch_size if unit is None else unit
     decay_iters = optim.lr_decay_iters or optim.train_iters
     decay_steps = decay_iters * gbs
     if optim.lr_warmup_fraction is not None:
@@ -96,18 +97,19 @@ class ParamScheduler:
         self.schedule = schedule
         self.weight_decay = float(weight_decay)
         self.num_steps = 0
+        self.scale = 1.0          # a curriculum stage's lr_scale, times every group's LR
         self.step(0)
 
     def step(self, increment: int) -> None:
         self.num_steps += increment
         for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule.lr(self.num_steps, group.get("max_lr"), group.get("min_lr"))
+            group["lr"] = self.scale * self.schedule.lr(self.num_steps, group.get("max_lr"), group.get("min_lr"))
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
 
     @property
     def lr(self) -> float:
-        """The base learning rate now (without any group's multiplier)."""
-        return self.schedule.lr(self.num_steps)
+        """The base learning rate now (the stage's scale applied, without any group's multiplier)."""
+        return self.scale * self.schedule.lr(self.num_steps)
 
     def state_dict(self) -> Dict[str, Any]:
         """Megatron-LM's keys, so its tools read our files."""
