@@ -1,19 +1,24 @@
-"""Where a run reports: stdout, a log file, a JSON-lines metrics file and TensorBoard.
+"""Where a run reports: stdout, a log file, a JSON-lines metrics file, TensorBoard and
+Weights & Biases; and reading a run's metrics back (``tools/plot_run.py``).
 
 Only the first process writes. Per run, ``<log-dir>/<tag>/`` receives
 ``train-<start time>.log`` (what is printed) and ``metrics-<start time>.jsonl`` (one
 object per logged iteration or evaluation). ``--tensorboard-dir`` adds TensorBoard
-scalars; it needs the ``tensorboard`` package.
+scalars (the ``tensorboard`` package); ``--wandb-project`` logs the same scalars to
+Weights & Biases (the ``wandb`` package), offline when its server cannot be reached
+and ``WANDB_MODE`` is not set.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Mapping, Optional, TextIO
+from urllib.parse import urlparse
 from megatron_ext.errors import InputError
 
 
@@ -42,6 +47,55 @@ def open_tensorboard(directory: str):
     return SummaryWriter(log_dir=directory, max_queue=1000)
 
 
+def wandb_module():
+    """The ``wandb`` package (a clear error when it is missing). Every process checks, so
+    all fail alike before any collective."""
+    try:
+        import wandb
+    except ImportError:
+        raise LoggingSetupError("--wandb-project needs the 'wandb' package (pip install wandb), "
+                                "or leave the flag out") from None
+    return wandb
+
+
+def wandb_server_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the Weights & Biases server (``WANDB_BASE_URL``, default api.wandb.ai) answers a
+    TCP connection: without it a run logs offline rather than failing or waiting."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host = url.hostname or "api.wandb.ai"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def open_wandb(project: str, name: str, directory: str, config: Optional[Mapping[str, Any]] = None):
+    """A Weights & Biases run writing its files under ``directory``; offline (``wandb sync``
+    uploads it later) when ``WANDB_MODE`` is unset and the server cannot be reached.
+    Returns ``(run, mode)``."""
+    wandb = wandb_module()
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise LoggingSetupError(f"--wandb-save-dir {directory}: cannot create ({e.strerror})") from None
+    mode = None if "WANDB_MODE" in os.environ else ("online" if wandb_server_reachable() else "offline")
+    try:
+        run = wandb.init(project=project, name=name, dir=directory, config=dict(config or {}), mode=mode)
+    except Exception as e:  # wandb raises its own types (auth, network, settings)
+        raise LoggingSetupError(f"--wandb-project {project}: cannot start a Weights & Biases run ({e}); "
+                                "WANDB_MODE=offline logs without a server") from None
+    return run, mode or os.environ["WANDB_MODE"]
+
+
+def _scalars(values: Mapping[str, Any]):
+    """The finite numbers of ``values`` (what TensorBoard and wandb receive)."""
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield name, value
+
+
 def format_value(value: Any, spec: str = "") -> str:
     """``value`` for a log line: ``spec`` is a format spec for numbers (NaN prints as ``nan``)."""
     if isinstance(value, float) and math.isnan(value):
@@ -55,15 +109,24 @@ class RunLogger:
     """Writes lines and metrics; a no-op on processes other than the first."""
 
     def __init__(self, log_dir: str, tag: str, *, enabled: bool = True, tensorboard_dir: Optional[str] = None,
+                 wandb_project: Optional[str] = None, wandb_exp_name: Optional[str] = None,
+                 wandb_save_dir: Optional[str] = None, wandb_config: Optional[Mapping[str, Any]] = None,
                  stream: TextIO = sys.stdout) -> None:
         self.enabled = enabled
         self.stream = stream
         self.log_file: Optional[TextIO] = None
         self.metrics_file: Optional[TextIO] = None
         self.writer = None
+        self.wandb_run = None
         self.run_dir: Optional[Path] = None
         if tensorboard_dir is not None:
             tensorboard_writer_class()
+        if not wandb_project:
+            for flag, value in (("--wandb-exp-name", wandb_exp_name), ("--wandb-save-dir", wandb_save_dir)):
+                if value:
+                    raise LoggingSetupError(f"{flag} {value} needs --wandb-project (the project to log to)")
+        else:
+            wandb_module()
         if not enabled:
             return
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -79,12 +142,17 @@ class RunLogger:
             self.close()
             raise LoggingSetupError(f"--log-dir {log_dir}: cannot write run logs under {self.run_dir} "
                                     f"({e.strerror})") from None
-        if tensorboard_dir is not None:
-            try:
+        try:
+            if tensorboard_dir is not None:
                 self.writer = open_tensorboard(tensorboard_dir)
-            except LoggingSetupError:
-                self.close()
-                raise
+            if wandb_project:
+                directory = wandb_save_dir or os.path.join(log_dir, "wandb")
+                self.wandb_run, mode = open_wandb(wandb_project, wandb_exp_name or tag, directory, wandb_config)
+                self.print(f"> Weights & Biases: project {wandb_project}, run {wandb_exp_name or tag}, {mode}, "
+                           f"files under {directory}" + (" (wandb sync uploads them)" if mode == "offline" else ""))
+        except LoggingSetupError:
+            self.close()
+            raise
 
     @staticmethod
     def _unique(path: Path) -> Path:
@@ -103,8 +171,9 @@ class RunLogger:
             self.log_file.flush()
 
     def metrics(self, kind: str, iteration: int, values: Dict[str, Any], consumed_samples: Optional[int] = None) -> None:
-        """A JSON line, and TensorBoard scalars (``<kind>/<name>`` against the iteration and,
-        for training, ``<name> vs samples`` as Megatron-LM logs them)."""
+        """A JSON line, TensorBoard scalars (``<kind>/<name>`` against the iteration and, for
+        training, ``<name> vs samples`` as Megatron-LM logs them) and the same scalars to
+        Weights & Biases (step: the iteration)."""
         if not self.enabled:
             return
         record = {"kind": kind, "iteration": iteration, **values}
@@ -114,12 +183,16 @@ class RunLogger:
             self.metrics_file.write(json.dumps(record, allow_nan=True) + "\n")
             self.metrics_file.flush()
         if self.writer is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.writer.add_scalar(f"{kind}/{name}", value, iteration)
-                    if consumed_samples is not None:
-                        self.writer.add_scalar(f"{kind}/{name} vs samples", value, consumed_samples)
+            for name, value in _scalars(values):
+                self.writer.add_scalar(f"{kind}/{name}", value, iteration)
+                if consumed_samples is not None:
+                    self.writer.add_scalar(f"{kind}/{name} vs samples", value, consumed_samples)
             self.writer.flush()
+        if self.wandb_run is not None:
+            scalars = {f"{kind}/{name}": value for name, value in _scalars(values)}
+            if consumed_samples is not None:
+                scalars[f"{kind}/consumed_samples"] = consumed_samples
+            self.wandb_run.log(scalars, step=iteration)
 
     @staticmethod
     def iteration_line(iteration: int, train_iters: int, fields) -> str:
@@ -136,6 +209,9 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb_run is not None:
+            run, self.wandb_run = self.wandb_run, None
+            run.finish()
 
 
 # --------------------------------------------------------------------------- reading a run's metrics
