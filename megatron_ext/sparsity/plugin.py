@@ -212,6 +212,13 @@ class MaskLLM(TrainerPlugin):
     def step_record(self) -> Dict[str, Any]:
         return {"tau": self.state.tau, "kappa": self.state.kappa}
 
+    def schedules(self, iteration: int, train_iters: int) -> Dict[str, float]:
+        from megatron_ext.sparsity.state import linear_schedule
+
+        c = self._config
+        return {"Gumbel temperature tau": linear_schedule(*c.tau_range, iteration, train_iters),
+                "logit scale kappa": linear_schedule(*c.kappa_range, iteration, train_iters)}
+
     def log_fields(self, model: torch.nn.Module) -> Sequence[LogField]:
         m = self.metrics(model, weight_reg=None if self._last_reg is None else self._last_reg.item())
         return [("tau", m["tau"], ".4f", "tau"), ("kappa", m["kappa"], ".1f", "kappa"),

@@ -92,6 +92,11 @@ class TrainerPlugin:
         """Fields of the iteration line (and metrics) at each ``--log-interval``."""
         return ()
 
+    def schedules(self, iteration: int, train_iters: int) -> Dict[str, float]:
+        """Values the plug-in schedules for iteration ``iteration + 1`` (after ``iteration``
+        completed), by name: drawn by ``tools/plot_schedule.py`` before a run."""
+        return {}
+
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_info(self, iteration: int) -> Dict[str, Any]:
         """The plug-in's section of ``checkpoint.json`` (empty: none)."""
