@@ -150,14 +150,24 @@ class KernelTable:
         prefix = f"{out_f},{in_f},"
         return sorted(int(k[len(prefix):]) for k in self.entries if k.startswith(prefix))
 
-    def choose(self, out_f: int, in_f: int, tokens: int) -> Choice:
-        """The measured choice for this shape at the nearest measured token count (log scale);
-        dense where the shape was never measured."""
+    def nearest(self, out_f: int, in_f: int, tokens: int) -> Optional[int]:
+        """The measured token count nearest ``tokens`` on a log scale (None: shape never measured)."""
         counts = self.token_counts(out_f, in_f)
         if not counts:
+            return None
+        return min(counts, key=lambda c: (abs(math.log(c) - math.log(max(tokens, 1))), c))
+
+    def choose(self, out_f: int, in_f: int, tokens: int) -> Choice:
+        """The measured choice for this shape at the nearest measured token count; dense where
+        the shape was never measured. A searched algorithm belongs to the problem size it was
+        found for: at another padded size the choice carries cuSPARSELt's default (0)."""
+        best = self.nearest(out_f, in_f, tokens)
+        if best is None:
             return Choice("dense")
-        best = min(counts, key=lambda c: (abs(math.log(c) - math.log(max(tokens, 1))), c))
-        return self.entries[self._k(out_f, in_f, best)]
+        c = self.entries[self._k(out_f, in_f, best)]
+        if _padded(best) != _padded(tokens) and c.alg_id:
+            c = Choice(c.kernel, 0, c.dense_ms, c.sparse_ms)
+        return c
 
     def kernels_for(self, out_f: int, in_f: int) -> set[str]:
         counts = self.token_counts(out_f, in_f)
@@ -307,6 +317,10 @@ def magnitude_2of4_mask(w: torch.Tensor) -> torch.Tensor:
     groups = w.reshape(w.shape[0], -1, M)
     idx = groups.abs().topk(N, dim=-1).indices
     return torch.zeros_like(groups).scatter_(-1, idx, 1).reshape(w.shape)
+
+
+def _padded(tokens: int) -> int:
+    return -(-max(tokens, 1) // DENSE_ROW_MULTIPLE) * DENSE_ROW_MULTIPLE
 
 
 def pad_rows(x: torch.Tensor) -> torch.Tensor:

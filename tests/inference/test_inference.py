@@ -75,8 +75,9 @@ def test_table_picks_the_nearest_measured_token_count_on_a_log_scale():
     assert t.choose(64, 32, 1).kernel == "dense"
     assert t.choose(64, 32, 200).kernel == "dense"       # log-nearer to 16 than to 4096
     assert t.choose(64, 32, 300).kernel == "sparse"
+    assert t.choose(64, 32, 4090).alg_id == 3               # the same padded size as the search's
     c = t.choose(64, 32, 8192)
-    assert (c.kernel, c.alg_id) == ("sparse", 3)
+    assert (c.kernel, c.alg_id) == ("sparse", 0)            # another size: cuSPARSELt's default algorithm
     assert t.choose(128, 32, 4096).kernel == "dense"     # a shape never measured
     assert t.kernels_for(64, 32) == {"dense", "sparse"}
 
@@ -103,6 +104,41 @@ def test_sparse_linear_on_cpu_keeps_the_dense_masked_weight():
     x = torch.randn(5, 32)
     torch.testing.assert_close(layer(x), x @ w.t())
     assert layer.choice(4096).kernel == "dense"
+
+
+@pytest.fixture
+def stand_in_kernels(monkeypatch):
+    """cuSPARSELt's calls replaced by plain matmuls that log each call, so the choice and
+    the layouts around the kernel run on a CPU."""
+    import megatron_ext.inference.sparse as sparse
+
+    calls = []
+
+    def sparse_mm(a, b, bias=None, alpha=None, out_dtype=None, transpose_result=False, alg_id=0, **_):
+        assert b.shape[1] % sparse.DENSE_ROW_MULTIPLE == 0, "dense operand rows not padded"
+        calls.append(("sparse", b.shape[1], alg_id))
+        y = a @ b
+        return y.t().contiguous() if transpose_result else y
+
+    monkeypatch.setattr(sparse, "sparse_kernels_available", lambda device=None: True)
+    monkeypatch.setattr(torch, "_cslt_compress", lambda w: w.clone())
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
+    return calls
+
+
+def test_sparse_linear_runs_the_kernel_the_table_picks_per_token_count(stand_in_kernels):
+    w = _two_of_four(64, 32)
+    layer = SparseLinear(w, _table())
+    assert layer.compressed is not None and layer.weight is not None     # both kernels are picked somewhere
+    for tokens in (1, 3, 4096, 5000):
+        x = torch.randn(tokens, 32)
+        torch.testing.assert_close(layer(x.reshape(1, tokens, 32)), (x @ w.t()).reshape(1, tokens, 64))
+    assert stand_in_kernels == [("sparse", 4096, 3), ("sparse", 5000, 0)]
+    stand_in_kernels.clear()
+    small = SparseLinear(w, _table(), keep_dense=False)                 # the memory bound: compressed only
+    assert small.weight is None and small.weight_bytes() == w.numel() * w.element_size()
+    torch.testing.assert_close(small(torch.ones(3, 32)), torch.ones(3, 32) @ w.t())
+    assert stand_in_kernels == [("sparse", 8, 0)]                         # 3 rows padded to 8
 
 
 # --------------------------------------------------------------------------- the model
