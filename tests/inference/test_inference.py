@@ -243,3 +243,12 @@ def test_generate_tool_prints_both_continuations_and_their_speed(exported, capsy
     assert "running the dense masked weights" in err
     assert tool.main(["--load", str(tmp_path / "missing")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_package_needs_neither_megatron_core_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['megatron'] = None; sys.modules['transformers'] = None; "
+            "import megatron_ext.inference, importlib; importlib.import_module('megatron_ext.inference.load')")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
