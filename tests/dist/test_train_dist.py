@@ -32,6 +32,9 @@ ITERS = 3
 CASES = {
     "dense": [],
     "mask-only": ["--mask-only", "--N", "2", "--M", "4", "--lr-mult", "10", "--weight-reg", "1e-4"],
+    # two curriculum stages (sequence length, global batch, LR scale); the parallel runs choose
+    # their micro-batches with --micro-batch-size auto
+    "curriculum": ["--curriculum", str(Path(__file__).with_name("curriculum.yaml"))],
 }
 REFERENCE = """
 import json, sys
@@ -43,8 +46,9 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _argv(data: str, out: Path, extra, mbs: int, **flags):
-    argv = ["--model", "tiny", "--seq-length", "64", "--micro-batch-size", str(mbs), "--global-batch-size", "6",
+def _argv(data: str, out: Path, extra, mbs, **flags):
+    batch = [] if "--curriculum" in extra else ["--seq-length", "64", "--global-batch-size", "6"]
+    argv = ["--model", "tiny", *batch, "--micro-batch-size", str(mbs),
             "--train-iters", str(ITERS), "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
             "--lr-warmup-iters", "1", "--clip-grad", "0.5", "--data-path", data, "--split", "98,2,0",
             "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(SAMPLE / "tokenizer.model"),
@@ -124,7 +128,14 @@ def test_parallel_runs_follow_the_single_process_run(shared, tp, case):
     from megatron_ext.train import pretrain
 
     out = root / f"{case}-tp{tp}"
-    result = pretrain(_argv(data, out, CASES[case], mbs=1, tensor_model_parallel_size=tp))
+    if case == "curriculum":
+        result = pretrain(_argv(data, out, CASES[case] + ["--memory-budget-gib", "64"], mbs="auto",
+                                tensor_model_parallel_size=tp))
+        dp = world_size() // tp
+        assert [s.micro_batch_size for s in result.plan.stages] == [12 // dp, 6 // dp]
+        assert [r["seq_length"] for r in result.history] == [32, 32, 64]
+    else:
+        result = pretrain(_argv(data, out, CASES[case], mbs=1, tensor_model_parallel_size=tp))
     info = platform.dist_info()
     assert (info.tp_size, info.dp_size) == (tp, world_size() // tp)
     _close(result.history, reference[case])
