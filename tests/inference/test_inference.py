@@ -7,8 +7,6 @@ own export (one-shot magnitude pruning of the tiny model, ``export_sparse --form
 with ``tools/generate.py`` on it.
 """
 import importlib.util
-import json
-import math
 import shutil
 from pathlib import Path
 
