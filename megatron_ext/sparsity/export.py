@@ -36,7 +36,6 @@ import torch
 
 from megatron_ext.errors import InputError
 from megatron_ext.checkpoint import (
-    CheckpointError,
     load_checkpoint,
     mcore_to_hf,
     merge_tp,
