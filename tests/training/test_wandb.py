@@ -5,6 +5,7 @@ import importlib.util
 import io
 import socket
 import sys
+import time
 
 import pytest
 
@@ -58,7 +59,10 @@ def test_without_a_server_the_run_logs_offline_into_the_save_dir(tmp_path, monke
     assert "Weights & Biases: project megatron-ext-test, run tiny, offline" in out
     (run_dir,) = (save / "wandb").glob("offline-run-*")
     (history,) = run_dir.glob("run-*.wandb")
-    data = history.read_bytes()
+    # wandb's service process writes the records; finish() may return before they reach the file
+    deadline = time.monotonic() + 60
+    while b"eval/valid/accuracy" not in (data := history.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     for key in (b"train/loss", b"train/lr", b"train/consumed_samples", b"eval/valid/accuracy"):
         assert key in data, key
     assert b"train/grad_norm" not in data  # a NaN is left out, as for TensorBoard
