@@ -152,6 +152,8 @@ class Run:
         lg = c.logging
         wandb = {k: v for k, v in (("wandb_project", lg.wandb_project), ("wandb_exp_name", lg.wandb_exp_name),
                                    ("wandb_save_dir", lg.wandb_save_dir)) if v is not None}
+        if wandb:
+            wandb["wandb_config"] = c.run_args()   # the run's flags, as Megatron-LM logs them
         self.log = RunLogger(lg.log_dir, lg.tag, enabled=platform.is_rank0(), tensorboard_dir=lg.tensorboard_dir,
                              **wandb)
         try:
