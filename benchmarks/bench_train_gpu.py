@@ -393,6 +393,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-path", help="a .bin/.idx prefix tokenized with the LLaMA tokenizer")
     p.add_argument("--tokenizer-model", help="the 32k LLaMA SentencePiece model the data was tokenized with")
     p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--json", help="also write every case's measurements to this JSON file (rewritten after each case)")
     p.add_argument("--tiny", action="store_true", help="tiny model, short sequences, the shipped sample: a CPU check")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over --profile-steps more steps of --profile-cases at the smallest "
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
 def run_all(opts, cases: list[str], seqs: list[int], rank0: bool):
     """Every case at every length and micro-batch, grouped by model; table rows, the proxy's
     shapes, profiles, whether any failed."""
-    failed, rows, proxy_shapes, profiles = False, [], None, []
+    failed, rows, proxy_shapes, profiles, records = False, [], None, [], []
     order = [c for c in cases if not c.startswith("proxy-")], [c for c in cases if c.startswith("proxy-")]
     for group in order:
         for seq in seqs:
@@ -467,11 +468,40 @@ def run_all(opts, cases: list[str], seqs: list[int], rank0: bool):
                     if "profile" in r:
                         profiles.append((f"{case_label(case, opts)}, seq {seq}, micro-batch {mbs}, global batch "
                                          f"{opts.gbs}", r["profile"]))
+                    records.append(json_record(opts, case, seq, mbs, r, dense))
                     if rank0:
+                        if opts.json:
+                            write_json(opts.json, records)
                         print(f"[bench_train_gpu] {rows[-1]}", flush=True)
                         if "profile" in r:
                             print("\n".join(r["profile"]), flush=True)
     return rows, proxy_shapes, profiles, failed
+
+
+def json_record(opts, case: str, seq: int, mbs: int, r: dict, dense: dict | None) -> dict:
+    """One case's measurements as plain values (the JSON file's entries)."""
+    rec = {"case": case, "label": case_label(case, opts), "layers": case_layers(opts, case), "seq": seq,
+           "micro_batch": mbs, "global_batch": opts.gbs}
+    if "error" in r:
+        return {**rec, "error": r["error"]}
+    rec.update(ms_per_iter=r["sec"] * 1e3, tokens_per_s_per_gpu=r["tokens_per_gpu"],
+               tflops_per_gpu=r["flops"] / r["sec"] / 1e12, peak_alloc_gib=r["peak"],
+               peak_reserved_gib=r["reserved"], losses=r["losses"], shapes=r.get("shapes"))
+    rec["mfu"] = rec["tflops_per_gpu"] / opts.peak_tflops
+    if case.endswith("mask-only") and dense and "error" not in dense:
+        rec["mask_only_over_dense"] = r["tokens_per_gpu"] / dense["tokens_per_gpu"]
+    if "profile" in r:
+        rec["profile"] = r["profile"]
+    return rec
+
+
+def write_json(path: str, records: list[dict]) -> None:
+    import json
+
+    from megatron_ext.checkpoint import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(records, indent=1, default=float) + "\n")
 
 
 def report(opts, cases, world: int, matmul: float, rows: list[str], proxy_shapes, profiles) -> list[str]:
