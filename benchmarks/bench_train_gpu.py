@@ -207,6 +207,12 @@ def run_case(opts, case: str, seq: int, mbs: int) -> dict:
     flags = argparse.Namespace(**{**vars(opts), "num_layers": case_layers(opts, case), "mbs": mbs})
     args = parse_args(trainer_argv(flags, extra, seq=seq, tp=1 if proxy else opts.tp), PLUGINS)
     run = build_run(args, case, opts.proxy_tp)
+    chosen = {}
+    if mbs == "auto":
+        # what the trainer chose and the probes it chose from; the peak counts training alone
+        chosen = {"chosen_mbs": run.plan.stages[0].micro_batch_size,
+                  "probes": {f"{m} x {s}": b for (s, m), b in sorted(run.micro_batch_probes.items())}}
+        reset_memory()
     try:
         if case.endswith("mask-only"):
             apply_layer_settings(run.model, opts.layer_settings)
@@ -220,8 +226,8 @@ def run_case(opts, case: str, seq: int, mbs: int) -> dict:
                   "tokens_per_gpu": o.global_batch_size * seq / sec / gpus,
                   "peak": _max_over_ranks(memory_gib()),
                   "reserved": _max_over_ranks(torch.cuda.max_memory_reserved() / 2**30
-                                              if platform.has_cuda() else float("nan"))}
-        if opts.profile and case in opts.profile_cases and mbs == min(opts.mbs_list) and seq == min(opts.seq_list):
+                                              if platform.has_cuda() else float("nan")), **chosen}
+        if opts.profile and case in opts.profile_cases and mbs == opts.mbs_list[0] and seq == min(opts.seq_list):
             opts.profile_tag = f"{case}-seq{seq}-mb{mbs}"
             try:
                 result["profile"] = profile_steps(run, opts)
@@ -248,6 +254,8 @@ def _gib(x: float) -> str:
 def table_row(opts, case: str, seq: int, mbs: int, r: dict, dense: dict | None = None) -> str:
     """A table row; ``dense``: the dense case's result at the same model, length and micro-batch."""
     label = case_label(case, opts)
+    if "chosen_mbs" in r:
+        mbs = f"auto: {r['chosen_mbs']}"
     shard = f" TP{opts.proxy_tp}-rank shapes" if case.startswith("proxy-") else ""
     model = f"{opts.model}{shard} x{case_layers(opts, case)}L"
     if "error" in r:
@@ -376,7 +384,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-layers", type=int, default=4, help="layers of the dense / mask-only cases (default 4)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the dense / mask-only cases")
     p.add_argument("--seqs", default="2048,4096", help="comma list of sequence lengths")
-    p.add_argument("--mbs", default="1", help="comma list of micro-batch sizes (each case runs at each)")
+    p.add_argument("--mbs", default="1", help="comma list of micro-batch sizes (each case runs at each); "
+                   "auto: the trainer's --micro-batch-size auto, the row says what it chose")
     p.add_argument("--gbs", type=int, default=8)
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2, help="iterations not timed (median of the rest)")
@@ -417,9 +426,9 @@ def main(argv=None) -> int:
         p.error("--data-path and --tokenizer-model are required (or --tiny)")
     seqs = [int(s) for s in opts.seqs.split(",") if s.strip()]
     opts.seq_list = seqs
-    opts.mbs_list = [int(m) for m in str(opts.mbs).split(",") if m.strip()]
-    if not opts.mbs_list or any(m < 1 or opts.gbs % m for m in opts.mbs_list):
-        p.error(f"--mbs {opts.mbs}: each micro-batch size must be >= 1 and divide --gbs {opts.gbs}")
+    opts.mbs_list = [m.strip() if m.strip() == "auto" else int(m) for m in str(opts.mbs).split(",") if m.strip()]
+    if not opts.mbs_list or any(m != "auto" and (m < 1 or opts.gbs % m) for m in opts.mbs_list):
+        p.error(f"--mbs {opts.mbs}: each micro-batch size must be 'auto' or >= 1 and divide --gbs {opts.gbs}")
     cases = (opts.cases or ",".join(CASES if world == 1 else CASES[:2])).split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -484,6 +493,8 @@ def json_record(opts, case: str, seq: int, mbs: int, r: dict, dense: dict | None
            "micro_batch": mbs, "global_batch": opts.gbs}
     if "error" in r:
         return {**rec, "error": r["error"]}
+    if "chosen_mbs" in r:
+        rec.update(chosen_micro_batch=r["chosen_mbs"], probes_bytes=r["probes"])
     rec.update(ms_per_iter=r["sec"] * 1e3, tokens_per_s_per_gpu=r["tokens_per_gpu"],
                tflops_per_gpu=r["flops"] / r["sec"] / 1e12, peak_alloc_gib=r["peak"],
                peak_reserved_gib=r["reserved"], losses=r["losses"], shapes=r.get("shapes"))
