@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_ext.training.plugins import build_plugins
         from megatron_ext.training.preview import planned_curves
 
-        pyplot()  # a missing matplotlib is said before anything else
         args = parse_args(trainer_argv)
         world = own.world_size or args.tensor_model_parallel_size
         config = RunConfig.from_args(args, world)
         plugins = build_plugins(PLUGINS, args)
         curves = planned_curves(config, plugins)
+        pyplot()  # the flags are checked first: a refused plan is said with or without matplotlib
         what = ", ".join(p.describe() for p in plugins) or "dense"
         title = own.title or (f"{config.plan.source}: {len(config.plan.stages)} stage(s), "
                               f"{config.optim.train_iters} iterations, {what}")
