@@ -11,7 +11,9 @@
 # 0: weights and mask logits of the general run (scripts/learnable_sparsity/smollm2_135m_mask_only.sh
 #    on the general corpus) with --finetune (iteration, optimizer and data start fresh); its masks
 #    are also the prior (--prior-strength 3), and the temperature restarts lower (2 -> 0.05) as the
-#    masks are learned.
+#    masks are learned. The prior adds PRIOR_STRENGTH standard deviations of the *trained* logits:
+#    at 3, a 48-step run on SmolLM2 never flipped a group (benchmarks/RESULTS.md, "Incremental");
+#    PRIOR_STRENGTH=0 keeps stage 1's logits as they are.
 # 1: continue this run's own latest checkpoint in SAVE_DIR.
 # Every evaluation interval reports two held-out sets side by side: the domain's validation
 # split and the general corpus's validation set (EVAL_DATA_PATH), so forgetting shows during
