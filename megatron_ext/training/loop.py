@@ -63,7 +63,7 @@ from megatron_ext.training.config import RunConfig
 from megatron_ext.training.data import (BatchStream, DataError, TokenStreamView, build_datasets, check_data_paths,
                                         eval_sets, positions_needed, sample_counts)
 from megatron_ext.training.evaluate import evaluate, masked_loss_sums
-from megatron_ext.training.microbatch import GiB, choose_micro_batches
+from megatron_ext.training.microbatch import GiB, MicroBatchError, choose_micro_batches
 from megatron_ext.training.plan import Stage, TrainingPlan
 from megatron_ext.training.optimizer import TrainOptimizer, param_groups
 from megatron_ext.training.plugins import TrainerPlugin, build_plugins
@@ -299,6 +299,12 @@ class Run:
             else:
                 budget = int(o.memory_budget_gib * GiB)
             t0 = time.perf_counter()
+            # one unmeasured step first: what training keeps from step to step (AdamW's moments,
+            # the plug-ins' buffers) then exists in every measured probe, as in training
+            shortest = min(s.seq_length for s in self.plan.active())
+            if self._probe_step(shortest, 1) is None:
+                raise MicroBatchError(f"--micro-batch-size auto: a micro-batch of 1 at sequence length {shortest} "
+                                      "ran out of memory (use more tensor parallelism)")
             sizes, search = choose_micro_batches(self.plan, self._probe_step, budget)
             self.micro_batch_probes = dict(search.probes)   # (seq length, micro-batch) -> peak bytes
             probes = ", ".join(f"{m} x {s}: " + ("out of memory" if b is None else f"{b / GiB:.2f} GiB")
