@@ -33,7 +33,7 @@ TOKENIZER=$SMOLLM2_CKPT/iter_$(printf %07d "$(cat "$SMOLLM2_CKPT/latest_checkpoi
 require_tokenizer "$TOKENIZER" SMOLLM2_CKPT
 end_checks
 
-if [ ! -d "$CACHE/root" ]; then
+if [ ! -d "$CACHE/root" ] && [ "${DRY_RUN:-0}" != 1 ]; then
   mkdir -p "$CACHE/debs"
   # shellcheck disable=SC2086
   (cd "$CACHE/debs" && { apt-get download $PACKAGES || { apt-get update -qq && apt-get download $PACKAGES; }; })
@@ -41,15 +41,15 @@ if [ ! -d "$CACHE/root" ]; then
   for deb in "$CACHE"/debs/*.deb; do dpkg-deb -x "$deb" "$CACHE/root.tmp"; done
   mv "$CACHE/root.tmp" "$CACHE/root"
 fi
-"$PYTHON" scripts/data/smollm2_study_corpora.py --debs-root "$CACHE/root" --out "$RAW"
+run_tool scripts/data/smollm2_study_corpora.py --debs-root "$CACHE/root" --out "$RAW"
 
-mkdir -p "$OUT"
+[ "${DRY_RUN:-0}" = 1 ] || mkdir -p "$OUT"
 TOK_ARGS=(--json-keys text --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER" --append-eod
           --workers "$WORKERS" --normalize)
-"$PYTHON" tools/prepare_dataset.py "${TOK_ARGS[@]}" --input "$RAW/general.jsonl" --dedup paragraph \
+run_tool tools/prepare_dataset.py "${TOK_ARGS[@]}" --input "$RAW/general.jsonl" --dedup paragraph \
   --val-fraction "$VAL_FRACTION" --output-prefix "$OUT/general"
-"$PYTHON" tools/prepare_dataset.py "${TOK_ARGS[@]}" --input "$RAW/domain_train.jsonl" --dedup paragraph \
+run_tool tools/prepare_dataset.py "${TOK_ARGS[@]}" --input "$RAW/domain_train.jsonl" --dedup paragraph \
   --output-prefix "$OUT/python_docs_train"
-"$PYTHON" tools/prepare_dataset.py "${TOK_ARGS[@]}" --input "$RAW/domain_heldout.jsonl" \
+run_tool tools/prepare_dataset.py "${TOK_ARGS[@]}" --input "$RAW/domain_heldout.jsonl" \
   --output-prefix "$OUT/python_docs_heldout"
 echo "datasets in $OUT (token counts in the *_stats.json files beside them)"

@@ -6,8 +6,11 @@
 #   bash run_maskllm_native.sh scripts/incremental/llama2_7b_mask_only_wikitext103_tp4.sh 1   # resume
 #
 # 0: weights and mask logits of the C4 run (scripts/learnable_sparsity/llama2_7b_mask_only_tp4_c4.sh)
-#    with --finetune (iteration, optimizer and data start fresh); its masks are also the prior
-#    (--prior-strength 3), and the temperature restarts lower (2 -> 0.05) as the masks are learned.
+#    with --finetune (iteration, optimizer and data start fresh): the learned logits are the
+#    starting point and the temperature restarts lower (2 -> 0.05) so they can move again.
+#    PRIOR_STRENGTH=S > 0 also re-injects the C4 masks as a prior on top of the loaded logits; at
+#    S=3 that saturated them in the SmolLM2 study (no group flipped in 48 steps;
+#    benchmarks/RESULTS.md, "Incremental"), hence the default 0.
 # 1: continue this run's own latest checkpoint in SAVE_DIR.
 # Paths are relative to the repository root; any variable in capitals below can be set
 # from the environment. Extra arguments go to the trainer.
@@ -46,7 +49,7 @@ N=2
 M=4
 GUMBEL_TEMPERATURE="2 0.05"
 GUMBEL_SCALE="1e2 5e2"
-PRIOR_STRENGTH=3.0
+PRIOR_STRENGTH=${PRIOR_STRENGTH:-0}      # 0: the loaded logits as learned (see the header)
 LR_MULT=10
 WEIGHT_REG=1e-5
 
@@ -65,6 +68,10 @@ else
   require_checkpoint "$SAVE_DIR" SAVE_DIR
   LOAD_ARGS="--load $SAVE_DIR --exit-on-missing-checkpoint"
 fi
+PRIOR_ARGS=""
+if ! [[ "$PRIOR_STRENGTH" =~ ^0+(\.0*)?$ ]]; then   # re-inject the loaded masks as a prior
+  PRIOR_ARGS="--prior-mask $C4_MASK_CKPT --prior-strength $PRIOR_STRENGTH"
+fi
 end_checks
 mkdir -p "$SAVE_DIR" "$RUN_DIR/logs"
 
@@ -80,4 +87,4 @@ torchrun $DISTRIBUTED_ARGS pretrain_maskllm.py \
   --log-interval $LOG_INTERVAL --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS \
   --log-num-zeros-in-grad --exit-signal-handler --tag $TAG --log-dir $RUN_DIR/logs \
   --mask-only --N $N --M $M --gumbel-temperature-range $GUMBEL_TEMPERATURE --gumbel-scale-range $GUMBEL_SCALE \
-  --prior-mask $C4_MASK_CKPT --prior-strength $PRIOR_STRENGTH --lr-mult $LR_MULT --weight-reg $WEIGHT_REG "$@"
+  $PRIOR_ARGS --lr-mult $LR_MULT --weight-reg $WEIGHT_REG "$@"

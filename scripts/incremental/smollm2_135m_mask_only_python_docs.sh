@@ -9,11 +9,11 @@
 #   bash run_maskllm_native.sh scripts/incremental/smollm2_135m_mask_only_python_docs.sh 1   # resume
 #
 # 0: weights and mask logits of the general run (scripts/learnable_sparsity/smollm2_135m_mask_only.sh
-#    on the general corpus) with --finetune (iteration, optimizer and data start fresh); its masks
-#    are also the prior (--prior-strength 3), and the temperature restarts lower (2 -> 0.05) as the
-#    masks are learned. The prior adds PRIOR_STRENGTH standard deviations of the *trained* logits:
-#    at 3, a 48-step run on SmolLM2 never flipped a group (benchmarks/RESULTS.md, "Incremental");
-#    PRIOR_STRENGTH=0 keeps stage 1's logits as they are.
+#    on the general corpus) with --finetune (iteration, optimizer and data start fresh): the learned
+#    logits are the starting point and the temperature restarts lower (2 -> 0.05) so they can move
+#    again. PRIOR_STRENGTH=S > 0 also re-injects the general masks as a prior, adding S standard
+#    deviations of the *trained* logits: at 3, a 48-step run never flipped a group
+#    (benchmarks/RESULTS.md, "Incremental"), hence the default 0.
 # 1: continue this run's own latest checkpoint in SAVE_DIR.
 # Every evaluation interval reports two held-out sets side by side: the domain's validation
 # split and the general corpus's validation set (EVAL_DATA_PATH), so forgetting shows during
@@ -56,7 +56,7 @@ N=2
 M=4
 GUMBEL_TEMPERATURE=${GUMBEL_TEMPERATURE:-"2 0.05"}
 GUMBEL_SCALE=${GUMBEL_SCALE:-"1e2 5e2"}
-PRIOR_STRENGTH=${PRIOR_STRENGTH:-3.0}
+PRIOR_STRENGTH=${PRIOR_STRENGTH:-0}      # 0: the loaded logits as learned (see the header)
 LR_MULT=${LR_MULT:-10}
 WEIGHT_REG=${WEIGHT_REG:-1e-5}
 
@@ -78,6 +78,10 @@ else
   require_checkpoint "$SAVE_DIR" SAVE_DIR
   LOAD_ARGS="--load $SAVE_DIR --exit-on-missing-checkpoint"
 fi
+PRIOR_ARGS=""
+if ! [[ "$PRIOR_STRENGTH" =~ ^0+(\.0*)?$ ]]; then   # re-inject the loaded masks as a prior
+  PRIOR_ARGS="--prior-mask $GENERAL_MASK_CKPT --prior-strength $PRIOR_STRENGTH"
+fi
 end_checks
 mkdir -p "$SAVE_DIR" "$RUN_DIR/logs"
 
@@ -92,4 +96,4 @@ torchrun $DISTRIBUTED_ARGS pretrain_maskllm.py \
   --log-interval $LOG_INTERVAL --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS \
   --log-num-zeros-in-grad --exit-signal-handler --tag $TAG --log-dir $RUN_DIR/logs \
   --mask-only --N $N --M $M --gumbel-temperature-range $GUMBEL_TEMPERATURE --gumbel-scale-range $GUMBEL_SCALE \
-  --prior-mask $GENERAL_MASK_CKPT --prior-strength $PRIOR_STRENGTH --lr-mult $LR_MULT --weight-reg $WEIGHT_REG "$@"
+  $PRIOR_ARGS --lr-mult $LR_MULT --weight-reg $WEIGHT_REG "$@"

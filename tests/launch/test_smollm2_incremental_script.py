@@ -48,7 +48,7 @@ def test_the_domain_run_starts_from_the_general_masks_and_evaluates_both_sets(tm
     assert args.data_path == f"1.0 {home}/python_docs_train_text_document"
     assert args.eval_data_path == f"{home}/general_val_text_document"
     assert args.load == str(mask_checkpoint) and args.finetune
-    assert (args.prior_mask, args.prior_strength) == (str(mask_checkpoint), 3.0)
+    assert (args.prior_mask, args.prior_strength) == (None, None)    # the learned logits as they are
     assert (args.model, args.seq_length, args.global_batch_size, args.train_iters, args.lr_warmup_iters) == \
         ("smollm2-135m", 1024, 32, 64, 6)
     assert (args.lr, args.min_lr, args.eval_interval, args.bf16) == (2e-5, 2e-6, 8, True)
@@ -77,3 +77,13 @@ def test_missing_inputs_are_named_and_nothing_is_launched(tmp_path):
                            ("GENERAL_MASK_CKPT", tmp_path / "nockpt")):
         assert any(variable in l and str(path) in l for l in res.stderr.splitlines()), res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_prior_strength_reinjects_the_general_masks(tmp_path, plays_prefix, mask_checkpoint):
+    from megatron_ext.train import parse_args
+
+    home = _data_home(tmp_path, plays_prefix)
+    env = clean_env(DRY_RUN=1, DATA_HOME=home, GENERAL_MASK_CKPT=mask_checkpoint, RUN_DIR=tmp_path / "run",
+                    MEGATRON_EXT_BACKEND="nccl", PRIOR_STRENGTH="3")
+    args = parse_args(_trainer_args(run_bash(SCRIPT, 0, env=env)))
+    assert (args.prior_mask, args.prior_strength) == (str(mask_checkpoint), 3.0)

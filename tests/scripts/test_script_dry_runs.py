@@ -28,7 +28,8 @@ RUN_HERE = ("curriculum/smollm2_135m_dense.sh", "curriculum/smollm2_135m_mask_on
             "incremental/llama3_8b_mask_only_wikitext103_tp8.sh", "oneshot/run_llama2_7b_prune_tp4.sh",
             "oneshot/run_llama3_8b_prune_tp8.sh", "ppl/evaluate_llama2_wikitext2.sh", "ppl/evaluate_llama3_wikitext2.sh",
             "tools/export_hf.sh", "data/prepare_c4_llama2.sh", "data/prepare_c4_llama3.sh",
-            "data/prepare_wikitext103_llama2.sh", "data/prepare_wikitext103_llama3.sh")
+            "data/prepare_wikitext103_llama2.sh", "data/prepare_wikitext103_llama3.sh",
+            "data/prepare_smollm2_study_corpora.sh")
 # Set by torchrun or an outer launcher; a script under test must not inherit them.
 _INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
               "TORCHELASTIC_RUN_ID", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "DISTRIBUTED_ARGS", "RESUME",
@@ -251,8 +252,12 @@ def test_llama3_incremental_script_launches_from_the_c4_masks(tmp_path, micro_ba
     assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", hf)
     assert args.data_path == f"1.0 {home}/wiki_train_llama3_text_document"
     assert args.micro_batch_size == (micro_batch if micro_batch == "auto" else 1)
-    assert args.load == c4 and args.finetune and args.prior_mask == c4
+    assert args.load == c4 and args.finetune and args.prior_mask is None   # the learned logits as they are
     assert args.gumbel_temperature_range == (2.0, 0.05) and args.tag == "llama3-8b-tp8-mask-only-wikitext103-c4format"
+    ((_, words),) = commands(dry_run("incremental/llama3_8b_mask_only_wikitext103_tp8.sh", 0,
+                                     **{**env, "PRIOR_STRENGTH": "3", "RUN_DIR": tmp_path / "run3"}))
+    args = trainer_args(after(words, "pretrain_maskllm.py"))
+    assert (args.prior_mask, args.prior_strength) == (c4, 3.0)
 
 
 @pytest.mark.parametrize("script,tp", [("oneshot/run_llama2_7b_prune_tp4.sh", 4),
@@ -378,3 +383,24 @@ def test_smollm2_mask_only_script_takes_auto_micro_batch_and_lr_scaling(tmp_path
     env.pop("LR_SCALING")
     ((_, words),) = commands(dry_run("learnable_sparsity/smollm2_135m_mask_only.sh", 0, **env))
     assert "--lr-scaling" not in words and "--lr-base-batch-size" not in words
+
+
+def test_the_study_corpora_script_prepares_both_corpora_with_smollm2s_tokenizer(tmp_path):
+    """scripts/data/prepare_smollm2_study_corpora.sh: the corpus builder, then three
+    prepare_dataset runs (normalized, paragraph-deduplicated general corpus with 1% held out;
+    the Python docs' training and held-out parts) on the tokenizer of the SmolLM2 checkpoint."""
+    ckpt = Path(checkpoint(tmp_path / "smollm2"))
+    (ckpt / "iter_0000000" / "tokenizer").mkdir(parents=True)
+    (ckpt / "iter_0000000" / "tokenizer" / "tokenizer.json").write_text("{}\n")
+    out, raw = tmp_path / "out", tmp_path / "raw"
+    cmds = commands(dry_run("data/prepare_smollm2_study_corpora.sh", SMOLLM2_CKPT=ckpt, OUT=out, RAW=raw,
+                            CACHE=tmp_path / "cache", WORKERS=2))
+    assert [c[1][0] for c in cmds] == ["scripts/data/smollm2_study_corpora.py"] + ["tools/prepare_dataset.py"] * 3
+    general = cmds[1][1]
+    assert general[general.index("--output-prefix") + 1] == f"{out}/general"
+    assert {"--normalize", "--append-eod"} <= set(general)
+    assert general[general.index("--dedup") + 1] == "paragraph" and general[general.index("--val-fraction") + 1] == "0.01"
+    assert general[general.index("--tokenizer-model") + 1] == f"{ckpt}/iter_0000000/tokenizer"
+    assert [c[1][c[1].index("--output-prefix") + 1] for c in cmds[2:]] == [f"{out}/python_docs_train",
+                                                                          f"{out}/python_docs_heldout"]
+    assert not out.exists() and not (tmp_path / "cache").exists()   # a dry run writes nothing
