@@ -221,9 +221,12 @@ class MaskLLM(TrainerPlugin):
 
     def log_fields(self, model: torch.nn.Module) -> Sequence[LogField]:
         m = self.metrics(model, weight_reg=None if self._last_reg is None else self._last_reg.item())
+        flips = m["mask_flip_fraction"]
+        if flips is not None and math.isnan(flips):
+            flips = None  # the first log of a run: no earlier masks to compare with
         return [("tau", m["tau"], ".4f", "tau"), ("kappa", m["kappa"], ".1f", "kappa"),
                 ("weight reg", m["weight_reg"], ".6E", "weight_reg"),
-                ("mask flips", m["mask_flip_fraction"], ".6f", "mask_flip_fraction"),
+                ("mask flips", flips, ".6f", "mask_flip_fraction"),
                 ("mask max prob", m["mask_max_prob"], ".4f", "mask_max_prob")]
 
     # ------------------------------------------------------------------ checkpoints
