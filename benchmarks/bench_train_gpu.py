@@ -344,7 +344,17 @@ def profile_steps(run, opts) -> list[str]:
     if opts.profile_dir:
         os.makedirs(opts.profile_dir, exist_ok=True)
         prof.export_chrome_trace(os.path.join(opts.profile_dir, f"trace-{opts.profile_tag}.json"))
-    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
+    # GPU-side ranges of record_function annotations (ours, and torch's "Optimizer.step#...")
+    # span the kernels inside them: counting them as kernels would count those twice and hide
+    # the idle time between them
+    annotations = {r[2] for r in PROFILE_RANGES}
+
+    def is_kernel(e) -> bool:
+        name = getattr(e, "name", None) or e.key
+        return (getattr(e, "device_type", None) == DeviceType.CUDA and name not in annotations
+                and not name.startswith(("Optimizer.", "ProfilerStep")))
+
+    kernels = [e for e in prof.events() if is_kernel(e)]
     by_cat: dict[str, float] = {}
     for e in kernels:
         by_cat[_kernel_category(e.name)] = by_cat.get(_kernel_category(e.name), 0.0) + e.time_range.elapsed_us()
@@ -370,8 +380,8 @@ def profile_steps(run, opts) -> list[str]:
     if ranges:
         lines += ["", "| trainer phase (GPU time of its kernels) | ms / step |", "|---|---|"]
         lines += [f"| {k} | {v / 1e3 / steps:.1f} |" for k, v in ranges.items()]
-    top = sorted(((e.key, _device_time(e)) for e in prof.key_averages()
-                  if getattr(e, "device_type", None) == DeviceType.CUDA), key=lambda kv: -kv[1])[:12]
+    top = sorted(((e.key, _device_time(e)) for e in prof.key_averages() if is_kernel(e)),
+                 key=lambda kv: -kv[1])[:12]
     if top:
         lines += ["", "| top kernels | GPU ms / step | category |", "|---|---|---|"]
         lines += [f"| `{k[:90]}` | {v / 1e3 / steps:.2f} | {_kernel_category(k)} |" for k, v in top]
