@@ -40,9 +40,13 @@ def _staged(make_argv, tmp_path, **flags):
 # --------------------------------------------------------------------------- curriculum
 
 
-def test_curriculum_runs_its_stages_and_resumes_mid_stage_bit_exact(make_argv, tmp_path):
+MASK_ONLY = {"mask_only": True, "N": 2, "M": 4, "lr_mult": 10, "weight_reg": 1e-4}
+
+
+@pytest.mark.parametrize("mask_only", [False, True], ids=["dense", "mask-only"])
+def test_curriculum_runs_its_stages_and_resumes_mid_stage_bit_exact(make_argv, tmp_path, mask_only):
     flags = dict(train_iters=6, micro_batch_size=2, eval_interval=2, eval_iters=1, save_interval=3,
-                 lr_decay_style="constant", lr_warmup_iters=0)
+                 lr_decay_style="constant", lr_warmup_iters=0, **(MASK_ONLY if mask_only else {}))
     whole = pretrain(_staged(make_argv, tmp_path, save=str(tmp_path / "whole"), **flags))
     h = whole.history
     assert [r["seq_length"] for r in h] == [32, 32, 64, 64, 48, 48]
@@ -50,6 +54,8 @@ def test_curriculum_runs_its_stages_and_resumes_mid_stage_bit_exact(make_argv, t
     assert [r["stage"] for r in h] == [1, 1, 2, 2, 3, 3]
     # the LR is the schedule's (constant 3e-3) times the stage's scale
     assert [r["lr"] for r in h] == pytest.approx([6e-3, 6e-3, 3e-3, 3e-3, 1.5e-3, 1.5e-3])
+    if mask_only:   # the Gumbel temperature follows the run's iterations across stages
+        assert [r["tau"] for r in h] == pytest.approx([4.0 - 3.95 * t / 6 for t in range(6)])
     assert [r["tokens"] for r in h] == [256, 512, 768, 1024, 1312, 1600]
     assert whole.consumed_train_samples == 2 * 8 + 2 * 4 + 2 * 6
     # validation at the stage's length, on the same tokens each time
