@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         for layer in report.layers:
             print(layer.line(args.N))
-    print(f"{len(report.layers)} masked layers ({report.source}), overall sparsity {report.sparsity:.4f}")
+    naming = ("Hugging Face weights: q, k, v, o, gate, up and down each count" if report.source == "hf"
+              else "our weights: fused qkv and gate/up count once")
+    print(f"{len(report.layers)} weight matrices checked ({naming}), overall sparsity {report.sparsity:.4f}")
     if not report.ok:
         bad = sum(1 for l in report.layers if l.bad_groups)
         print(f"error: not {args.N}:{args.M} sparse ({bad} layers fail); first: {report.first_violation}",

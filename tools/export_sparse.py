@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MegatronExtError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"exported {result.layers} masked linears ({result.N}:{result.M}) as {result.format} to {result.path}")
+    print(f"exported {result.layers} masked linears ({result.N}:{result.M}) as {result.format} to {result.path} "
+          "(our layers: fused qkv and gate/up count once; tools/check_sparsity.py counts Hugging Face's "
+          "q, k, v, gate and up separately)")
     if result.pack is not None:
         p = result.pack
         print(f"packed masks: {p.params} weights in {p.bytes} bytes = {p.bits_per_param:.4f} bits per parameter "

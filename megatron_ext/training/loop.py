@@ -746,7 +746,10 @@ class Run:
                         and self.iteration > self.start_iteration:
                     self.save()
                 if lg.eval_iters > 0:
-                    self._update_best(self.run_evaluation("the end of training"))
+                    # a one-stage run reads the next validation batches (Megatron's order), so the
+                    # same model gives another value than at the last interval: the label says so
+                    when = "the end of training" + ("" if self.plan.staged else " (the next validation batches)")
+                    self._update_best(self.run_evaluation(when))
                     self.run_test()
         finally:
             stop.restore()
