@@ -64,5 +64,11 @@ def test_unwritable_save_and_bad_split_fail_before_training(tmp_path):
     res = train(tmp_path, tmp_path / "ok", "--save", str(blocker / "ckpt"))
     assert res.returncode == 2 and "--save" in res.stderr and "Traceback" not in res.stderr
     assert "iteration" not in res.stdout  # nothing trained
+    # every other place a run writes, a file in the way of each: named before any compute
+    # (--log-dir last: the run's log directory is its last flag)
+    for flag in ("--tensorboard-dir", "--data-cache-path", "--log-dir"):
+        res = train(tmp_path, tmp_path / "ok", flag, str(blocker / "sub"))
+        assert res.returncode == 2 and f"{flag} {blocker / 'sub'}" in res.stderr, (flag, res.stderr)
+        assert "Traceback" not in res.stderr and "iteration" not in res.stdout
     res = train(tmp_path, tmp_path / "ok", "--split", "abc")
     assert res.returncode == 2 and "--split 'abc'" in res.stderr and "Traceback" not in res.stderr
