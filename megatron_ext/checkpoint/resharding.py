@@ -101,9 +101,15 @@ def validate_rank_state_dicts(rank_sds: Sequence[Mapping[str, torch.Tensor]], cf
         _validate_rank(sd, cfg, tp, f"{source} (TP rank {rank} of {tp})")
 
 
-def merge_tp(rank_sds: Sequence[Mapping[str, torch.Tensor]], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Per-rank state dicts -> one TP=1 state dict (vocab rows as padded for the source TP)."""
-    validate_rank_state_dicts(rank_sds, cfg)
+def merge_tp(rank_sds: Sequence[Mapping[str, torch.Tensor]], cfg: LlamaConfig, *,
+             complete: bool = True) -> dict[str, torch.Tensor]:
+    """Per-rank state dicts -> one TP=1 state dict (vocab rows as padded for the source TP).
+
+    ``complete=False`` merges any subset of a model's tensors laid out as its weights (an
+    optimizer's moments of the trained tensors): no check against the config's contract,
+    and replicated tensors are taken from rank 0 (their copies agree to rounding only)."""
+    if complete:
+        validate_rank_state_dicts(rank_sds, cfg)
     keys = [k for k in rank_sds[0] if not is_extra_state(k)]
     for rank, sd in enumerate(rank_sds[1:], start=1):
         other = {k for k in sd if not is_extra_state(k)}
@@ -117,7 +123,7 @@ def merge_tp(rank_sds: Sequence[Mapping[str, torch.Tensor]], cfg: LlamaConfig) -
         if len(parts) == 1:
             full[key] = parts[0]
         elif rule == REPLICATED or (rule == ROW and parts[0].dim() < 2):
-            for rank, p in enumerate(parts[1:], start=1):
+            for rank, p in enumerate(parts[1:] if complete else (), start=1):
                 if not torch.equal(p, parts[0]):
                     raise CheckpointError(f"tensor {key!r}: replicated copy on TP rank {rank} differs from rank 0")
             full[key] = parts[0]

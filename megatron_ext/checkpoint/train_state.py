@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +63,39 @@ def set_rng_state(state: Mapping[str, Any], where: str = "checkpoint") -> None:
         get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["rng_tracker_states"].items()})
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{where}: unreadable random state ({e}); pass --no-load-rng to skip it") from None
+
+
+def reshard_optimizer_state(states: Sequence[Mapping[str, Any]], cfg: LlamaConfig, tp: int, rank: int,
+                            where: str) -> Dict[str, Any]:
+    """TP rank ``rank`` of ``tp``'s optimizer state from the states every TP rank of a
+    checkpoint saved (``TrainOptimizer.state_dict``: AdamW's moments and step per trained
+    tensor, fp32 main copies): each tensor's moments are merged and split as its weight is
+    (``resharding``); steps and hyper-parameters are the same on every rank."""
+    from megatron_ext.checkpoint.resharding import merge_tp, split_tp
+
+    try:
+        names = list(states[0]["param_names"])
+        adams = [st["adam"] for st in states]
+        mains = [st["main_params"] for st in states]
+        if any(list(st["param_names"]) != names for st in states):
+            raise CheckpointError(f"{where}: the TP ranks' optimizer states train different tensors")
+
+        moments = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            rank_sds = [{names[int(i)]: st[key] for i, st in a["state"].items()} for a in adams]
+            moments[key] = split_tp(merge_tp(rank_sds, cfg, complete=False), cfg, tp)[rank]
+        main_sds = [{names[int(i)]: t for i, t in m.items()} for m in mains]
+        main = split_tp(merge_tp(main_sds, cfg, complete=False), cfg, tp)[rank] if main_sds[0] else {}
+        state = {}
+        for i, st in adams[0]["state"].items():
+            name = names[int(i)]
+            state[i] = {**{k: v for k, v in st.items() if k not in moments},
+                        **{k: moments[k][name].clone() for k in moments}}
+        index = {n: i for i, n in enumerate(names)}
+        return {"param_names": names, "adam": {"state": state, "param_groups": adams[0]["param_groups"]},
+                "main_params": {index[n]: t.clone() for n, t in main.items()}}
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{where}: unreadable optimizer state for resharding ({e})") from None
 
 
 def _cpu_state(state):

@@ -32,7 +32,8 @@ compare across evaluations; early stopping and ``--save-best`` follow the valida
 loss at ``--eval-seq-length`` when given, else at the stage's length.
 
 ``--load``: a checkpoint this trainer wrote is resumed (weights, plug-in tensors such as
-mask logits, optimizer, schedule, random state, data position; ``--no-load-optim``
+mask logits, optimizer, schedule, random state, data position; at another TP size the
+weights and the optimizer state are resharded, the random state is not; ``--no-load-optim``
 starts AdamW afresh with the learning rate where the run was, ``--no-load-rng`` keeps
 the seeded state). With ``--finetune``, or for a checkpoint from the tools (converted,
 pruned: no training state), only the tensors are taken and iteration, optimizer,
@@ -55,7 +56,8 @@ import torch.distributed as dist
 
 from megatron_ext import platform
 from megatron_ext.checkpoint import CheckpointError, CheckpointInfo, load_rank_state_dict, read_shard
-from megatron_ext.checkpoint.train_state import load_model_weights, save_training_checkpoint, set_rng_state
+from megatron_ext.checkpoint.train_state import (load_model_weights, reshard_optimizer_state,
+                                                 save_training_checkpoint, set_rng_state)
 from megatron_ext.errors import RunError
 from megatron_ext.models.config import LlamaConfig
 from megatron_ext.training.arguments import ArgsError, parse_args
@@ -247,16 +249,14 @@ class Run:
         """Weights (and plug-in tensors) of this rank; returns the rank's whole file when read."""
         ck, d = self.config.checkpoint, self.dinfo
         same_tp = ckpt.tensor_parallel_size == d.tp_size
-        if resume and not same_tp and not ck.no_load_optim:
-            raise ArgsError(f"--load {ck.load}: saved at TP={ckpt.tensor_parallel_size}, this run has "
-                            f"TP={d.tp_size}; the optimizer state cannot be resharded (pass --no-load-optim "
-                            "or --finetune)")
         payload = None
         if same_tp:
             payload = read_shard(ckpt, d.tp_rank)
             weights = payload["model"]
         else:
             _, weights = load_rank_state_dict(ckpt.iter_dir, d.tp_size, d.tp_rank)
+            if resume and not ck.no_load_optim:
+                payload = self._resharded_training_state(ckpt)
         notes = load_model_weights(self.model, weights,
                                    allow_missing_logits=ck.finetune or ck.enable_partial_load or not resume,
                                    where=str(ckpt.iter_dir))
@@ -264,6 +264,25 @@ class Run:
                        + (f" (skipped {len(notes['skipped'])} hard_mask entries)" if notes["skipped"] else "")
                        + (f" ({len(notes['fresh'])} mask logits start fresh)" if notes["fresh"] else ""))
         return payload
+
+    def _resharded_training_state(self, ckpt: CheckpointInfo) -> Dict[str, Any]:
+        """This rank's optimizer and schedule state from a checkpoint saved at another TP size:
+        every rank's AdamW moments and fp32 copies merged and split as the weights are. The
+        random state is per TP rank and is not carried over (the seeded one is kept)."""
+        saved, d = ckpt.tensor_parallel_size, self.dinfo
+        payloads = [read_shard(ckpt, r) for r in range(saved)]
+        for r, p in enumerate(payloads):
+            if "optimizer" not in p:
+                raise CheckpointError(f"{ckpt.shard_path(r)}: no optimizer state (saved with --no-save-optim); "
+                                      "pass --no-load-optim or --finetune")
+        state = reshard_optimizer_state([p["optimizer"] for p in payloads], ckpt.config, d.tp_size, d.tp_rank,
+                                        str(ckpt.iter_dir))
+        self.log.print(f"> optimizer state resharded from TP={saved} to TP={d.tp_size} (the random state is per "
+                       "TP rank: the seeded one is kept)")
+        out = {"optimizer": state}
+        if "opt_param_scheduler" in payloads[0]:
+            out["opt_param_scheduler"] = payloads[0]["opt_param_scheduler"]
+        return out
 
     def _build_optimizer(self) -> None:
         """AdamW and the schedule, after the weights are loaded (fp32 main copies start from them)."""
