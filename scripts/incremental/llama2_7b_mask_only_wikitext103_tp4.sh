@@ -33,7 +33,8 @@ TAG=${TAG:-llama2-7b-tp4-mask-only-wikitext103-c4format}
 MODEL=llama2-7b
 TP=4
 SEQ_LENGTH=2048
-MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-auto}   # the largest that fits (MEMORY_TARGET_FRACTION of the GPU), or a number
+MEMORY_TARGET_FRACTION=${MEMORY_TARGET_FRACTION:-0.9}                      # for auto
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-64}
 TRAIN_ITERS=${TRAIN_ITERS:-800}
 WARMUP_ITERS=80
@@ -78,7 +79,7 @@ mkdir -p "$SAVE_DIR" "$RUN_DIR/logs"
 echo "data: $DATA_BLEND"
 torchrun $DISTRIBUTED_ARGS pretrain_maskllm.py \
   --model $MODEL --tensor-model-parallel-size $TP --bf16 \
-  --seq-length $SEQ_LENGTH --micro-batch-size $MICRO_BATCH_SIZE --global-batch-size $GLOBAL_BATCH_SIZE \
+  --seq-length $SEQ_LENGTH --micro-batch-size $MICRO_BATCH_SIZE --memory-target-fraction $MEMORY_TARGET_FRACTION --global-batch-size $GLOBAL_BATCH_SIZE \
   --train-iters $TRAIN_ITERS --lr $LR --min-lr $MIN_LR --lr-decay-style cosine --lr-warmup-iters $WARMUP_ITERS \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0 --init-method-std 0.014 \
   --data-path $DATA_BLEND --split 98,2,0 --data-cache-path $DATA_CACHE_PATH \

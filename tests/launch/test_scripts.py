@@ -346,7 +346,8 @@ def test_c4_script_launches_the_maskllm_recipe(tmp_path, plays_prefix, sample_to
     args = parse_args(argv)
     assert args.data_path.split() == sum((["0.05", f"{home}/c4_{i:05d}_text_document"] for i in range(20)), [])
     assert (args.model, args.tensor_model_parallel_size, args.seq_length, args.bf16) == ("llama2-7b", 4, 4096, True)
-    assert (args.micro_batch_size, args.global_batch_size, args.train_iters) == (1, 256, 2000)
+    assert (args.micro_batch_size, args.global_batch_size, args.train_iters) == ("auto", 256, 2000)
+    assert args.memory_target_fraction == 0.9
     assert (args.lr, args.min_lr, args.lr_decay_style, args.lr_warmup_iters) == (5e-5, 5e-6, "cosine", 0)
     assert (args.weight_decay, args.adam_beta2, args.adam_eps, args.clip_grad) == (0.1, 0.95, 1e-5, 1.0)
     assert (args.mask_only, args.N, args.M, args.lr_mult, args.weight_reg) == (True, 2, 4, 10.0, 1e-5)

@@ -215,7 +215,7 @@ def test_llama3_c4_script_launches_the_maskllm_recipe(tmp_path, micro_batch):
     args = trainer_args(after(words, "pretrain_maskllm.py"))
     assert (args.model, args.tensor_model_parallel_size, args.seq_length, args.bf16) == ("llama3-8b", 8, 4096, True)
     assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", hf)
-    assert args.micro_batch_size == (micro_batch if micro_batch == "auto" else 1)
+    assert args.micro_batch_size == (micro_batch if micro_batch == "auto" else 1)   # default: auto
     assert (args.global_batch_size, args.train_iters, args.lr, args.min_lr) == (256, 2000, 5e-5, 5e-6)
     assert args.data_path.split() == sum((["0.05", f"{home}/c4_{i:05d}_text_document"] for i in range(20)), [])
     assert (args.mask_only, args.N, args.M, args.prior_strength, args.lr_mult) == (True, 2, 4, 3.0, 10.0)
@@ -251,7 +251,7 @@ def test_llama3_incremental_script_launches_from_the_c4_masks(tmp_path, micro_ba
     assert (args.model, args.tensor_model_parallel_size, args.seq_length) == ("llama3-8b", 8, 2048)
     assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", hf)
     assert args.data_path == f"1.0 {home}/wiki_train_llama3_text_document"
-    assert args.micro_batch_size == (micro_batch if micro_batch == "auto" else 1)
+    assert args.micro_batch_size == (micro_batch if micro_batch == "auto" else 1)   # default: auto
     assert args.load == c4 and args.finetune and args.prior_mask is None   # the learned logits as they are
     assert args.gumbel_temperature_range == (2.0, 0.05) and args.tag == "llama3-8b-tp8-mask-only-wikitext103-c4format"
     ((_, words),) = commands(dry_run("incremental/llama3_8b_mask_only_wikitext103_tp8.sh", 0,
