@@ -354,18 +354,7 @@ class Run:
         peak: Optional[int] = None
         try:
             with platform.PeakMemory(live) as measured:
-                for plugin in self.plugins:
-                    plugin.begin_step(self.model, self.iteration, self.config.optim.train_iters)
-                self.optimizer.zero_grad()
-                total, count = masked_loss_sums(self.model, batch)
-                (total / count.clamp_min(1.0)).backward()
-                for plugin in self.plugins:
-                    extra = plugin.extra_loss(self.model, self.iteration, self.config.optim.train_iters)
-                    if extra is not None:
-                        extra.backward()
-                for plugin in self.plugins:
-                    plugin.after_backward(self.model)
-                self.optimizer.reduce_gradients()
+                self._accumulate_gradients(self.iteration, lambda: batch, 1)
                 self.optimizer.clip_gradients(self.config.optim.clip_grad)
                 for group in self.optimizer.param_groups:
                     group["lr"] = 0.0
@@ -508,21 +497,20 @@ class Run:
                            f"{self.plan.tokens_at(self.iteration):,} tokens seen")
 
     # ------------------------------------------------------------------ one iteration
-    def train_step(self) -> Dict[str, Any]:
+    def _accumulate_gradients(self, t: int, next_batch: Callable[[], Dict[str, torch.Tensor]],
+                              num_microbatches: int) -> torch.Tensor:
+        """A step up to clipping, after ``t`` completed iterations: the plug-ins'
+        ``begin_step``, ``num_microbatches`` forward/backward passes on ``next_batch()`` (each
+        loss, a token mean, divided by their number), the plug-ins' extra loss and
+        ``after_backward``, and the gradients reduced over data parallelism. Returns the sum
+        of the micro-batch losses."""
         o = self.config.optim
-        t = self.iteration  # completed iterations
-        index = self.plan.index_at(t)
-        if index != self._stage_index:
-            self._enter_stage(index)
-        stage = self.plan.stages[index]
-        num_microbatches = stage.num_microbatches(self.dinfo.dp_size)
         for plugin in self.plugins:
             plugin.begin_step(self.model, t, o.train_iters)
         self.optimizer.zero_grad()
         loss_sum = torch.zeros((), dtype=torch.float32, device=platform.device())
         for _ in range(num_microbatches):
-            batch = self.train_stream.next()
-            total, count = masked_loss_sums(self.model, batch)
+            total, count = masked_loss_sums(self.model, next_batch())
             loss = total / count.clamp_min(1.0)
             (loss / num_microbatches).backward()
             loss_sum += loss.detach()
@@ -533,6 +521,17 @@ class Run:
         for plugin in self.plugins:
             plugin.after_backward(self.model)
         self.optimizer.reduce_gradients()
+        return loss_sum
+
+    def train_step(self) -> Dict[str, Any]:
+        o = self.config.optim
+        t = self.iteration  # completed iterations
+        index = self.plan.index_at(t)
+        if index != self._stage_index:
+            self._enter_stage(index)
+        stage = self.plan.stages[index]
+        num_microbatches = stage.num_microbatches(self.dinfo.dp_size)
+        loss_sum = self._accumulate_gradients(t, self.train_stream.next, num_microbatches)
         loss_avg = (loss_sum / num_microbatches).reshape(1)
         if self.dinfo.dp_size > 1:
             dist.all_reduce(loss_avg, group=self.dp_group)
@@ -578,21 +577,24 @@ class Run:
         return passes
 
     def _evaluate_sets(self, datasets: Dict[str, Any], when: str, train_loss: Optional[float]) -> List[Dict[str, Any]]:
-        results = []
-        for name, stream, steps, length in self._eval_passes(datasets):
-            result = evaluate(self.model, stream, steps, 1, self.cfg.vocab_size, self.dp_group)
-            record = {"iteration": self.iteration, "set": name, "when": when, "seq_length": length, **result}
-            if train_loss is not None:
-                record["gap"] = result["loss"] - train_loss
-            self.evals.append(record)
-            results.append(record)
-            self.log.metrics(f"eval/{name}", self.iteration,
-                             {k: record[k] for k in ("loss", "ppl", "accuracy", "tokens", "seq_length", "gap")
-                              if k in record}, self.consumed_train)
-            self.log.print(f" {name} loss at {when}: {result['loss']:.6E} | {name} PPL: {result['ppl']:.6E} | "
-                           f"{name} accuracy: {result['accuracy']:.4f} | tokens: {result['tokens']}"
-                           + (f" | gap to training loss: {record['gap']:+.4f}" if "gap" in record else "") + " |")
-        return results
+        return [self._evaluate_pass(name, stream, steps, length, when, train_loss)
+                for name, stream, steps, length in self._eval_passes(datasets)]
+
+    def _evaluate_pass(self, name: str, stream: BatchStream, steps: int, length: int, when: str,
+                       train_loss: Optional[float]) -> Dict[str, Any]:
+        """``steps`` micro-batches of ``stream`` evaluated, kept in ``evals``, logged and printed."""
+        result = evaluate(self.model, stream, steps, 1, self.cfg.vocab_size, self.dp_group)
+        record = {"iteration": self.iteration, "set": name, "when": when, "seq_length": length, **result}
+        if train_loss is not None:
+            record["gap"] = result["loss"] - train_loss
+        self.evals.append(record)
+        self.log.metrics(f"eval/{name}", self.iteration,
+                         {k: record[k] for k in ("loss", "ppl", "accuracy", "tokens", "seq_length", "gap")
+                          if k in record}, self.consumed_train)
+        self.log.print(f" {name} loss at {when}: {result['loss']:.6E} | {name} PPL: {result['ppl']:.6E} | "
+                       f"{name} accuracy: {result['accuracy']:.4f} | tokens: {result['tokens']}"
+                       + (f" | gap to training loss: {record['gap']:+.4f}" if "gap" in record else "") + " |")
+        return record
 
     def run_evaluation(self, label: str) -> Optional[float]:
         """Evaluate every set; returns the loss early stopping and ``--save-best`` follow."""
@@ -617,17 +619,13 @@ class Run:
     def run_test(self) -> None:
         if self.datasets.test is None:
             return
-        self._evaluate_sets({"test": self.datasets.test} if self.plan.staged else {}, "the end of training", None)
-        if not self.plan.staged:
-            stage = self.plan.stages[0]
-            stream = BatchStream(self.datasets.test, "test", 0, stage.micro_batch_size, self.dinfo.dp_size,
-                                 self.dinfo.dp_rank)
-            result = evaluate(self.model, stream, self.config.logging.eval_iters,
-                              stage.num_microbatches(self.dinfo.dp_size), self.cfg.vocab_size, self.dp_group)
-            self.evals.append({"iteration": self.iteration, "set": "test", "when": "the end of training", **result})
-            self.log.metrics("eval/test", self.iteration, {k: result[k] for k in ("loss", "ppl", "accuracy")})
-            self.log.print(f" test loss at the end of training: {result['loss']:.6E} | test PPL: {result['ppl']:.6E} | "
-                           f"test accuracy: {result['accuracy']:.4f} |")
+        if self.plan.staged:
+            self._evaluate_sets({"test": self.datasets.test}, "the end of training", None)
+            return
+        stage, d = self.plan.stages[0], self.dinfo
+        stream = BatchStream(self.datasets.test, "test", 0, stage.micro_batch_size, d.dp_size, d.dp_rank)
+        self._evaluate_pass("test", stream, self.config.logging.eval_iters * stage.num_microbatches(d.dp_size),
+                            stage.seq_length, "the end of training", None)
 
     def _update_best(self, loss: Optional[float]) -> bool:
         """Track the lowest validation loss (saving ``<save>/best``) and the evaluations
