@@ -106,14 +106,6 @@ class TrainingPlan:
         """Training tokens seen (samples x their length) after ``iteration`` iterations."""
         return self._accumulate(iteration, lambda s: s.tokens_per_iteration)
 
-    @property
-    def max_seq_length(self) -> int:
-        return max(s.seq_length for s in self.active())
-
-    @property
-    def max_global_batch_size(self) -> int:
-        return max(s.global_batch_size for s in self.active())
-
     # ------------------------------------------------------------------ changes
     def with_micro_batches(self, sizes: Sequence[int]) -> "TrainingPlan":
         """The plan with each stage's micro-batch set (checked against its global batch)."""
@@ -197,7 +189,7 @@ def parse_tokens(text: str, flag: str) -> int:
     return int(round(float(m.group(1)) * _SUFFIX[m.group(2).upper()]))
 
 
-def step_batch_stages(schedule: str, seq_length: int, train_iters: int) -> List[Stage]:
+def step_batch_stages(schedule: str, seq_length: int) -> List[Stage]:
     """Stages of ``--step-batch-size-schedule "0:768 250B:1536"`` (thresholds in tokens)."""
     flag = "--step-batch-size-schedule"
     entries = []
@@ -280,7 +272,7 @@ def build_plan(args, dp_size: int) -> TrainingPlan:
     if args.curriculum is not None:
         stages, source = curriculum_stages(args.curriculum), f"--curriculum {args.curriculum}"
     elif args.step_batch_size_schedule is not None:
-        stages = step_batch_stages(args.step_batch_size_schedule, args.seq_length, args.train_iters)
+        stages = step_batch_stages(args.step_batch_size_schedule, args.seq_length)
         source = "--step-batch-size-schedule"
     else:
         gbs = args.global_batch_size

@@ -150,7 +150,7 @@ def test_step_batch_size_schedule_is_a_curriculum_of_batches(make_argv):
     with pytest.raises(ArgsError, match="not a token count"):
         parse_tokens("lots", "--step-batch-size-schedule")
     # Megatron's example: 768 until 250B tokens at seq 4096, then 1536
-    stages = step_batch_stages("0:768 250B:1536", 4096, 10 ** 6)
+    stages = step_batch_stages("0:768 250B:1536", 4096)
     assert stages == [Stage(0, 4096, 768), Stage(math.ceil(250e9 / (768 * 4096)), 4096, 1536)]
     # on the sample: 4 x 64 tokens per iteration, 1000 tokens -> the batch doubles from iteration 4
     result = pretrain(make_argv(train_iters=6, global_batch_size=None, step_batch_size_schedule="0:4 1K:8",
