@@ -52,7 +52,6 @@ import tempfile
 import traceback
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -186,14 +185,6 @@ def apply_layer_settings(model, settings: dict) -> None:
             setattr(layer, attr, value)
 
 
-def _max_over_ranks(value: float) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=platform.device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def case_layers(opts, case: str) -> int:
     layers = opts.proxy_num_layers if case.startswith("proxy-") else opts.num_layers
     return layers or get_config(opts.model).num_layers
@@ -224,8 +215,8 @@ def run_case(opts, case: str, seq: int, mbs: int) -> dict:
         result = {"sec": sec, "losses": losses, "flops": flops_per_iteration(run.model, seq, tokens),
                   "shapes": first_layer_shapes(run.model),
                   "tokens_per_gpu": o.global_batch_size * seq / sec / gpus,
-                  "peak": _max_over_ranks(memory_gib()),
-                  "reserved": _max_over_ranks(torch.cuda.max_memory_reserved() / 2**30
+                  "peak": platform.max_over_ranks(memory_gib()),
+                  "reserved": platform.max_over_ranks(torch.cuda.max_memory_reserved() / 2**30
                                               if platform.has_cuda() else float("nan")), **chosen}
         if opts.profile and case in opts.profile_cases and mbs == opts.mbs_list[0] and seq == min(opts.seq_list):
             opts.profile_tag = f"{case}-seq{seq}-mb{mbs}"
