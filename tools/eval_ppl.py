@@ -36,19 +36,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _bake_hard_masks(state_dict):
-    """Dense weights times the hard N:M masks (argmax of the logits, or the saved hard masks)."""
-    from megatron_ext.sparsity.export import bake_masks
-
-    baked, _ = bake_masks(state_dict)
-    return baked
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_ext import platform
     from megatron_ext.errors import MegatronExtError
     from megatron_ext.evaluation import evaluate
+
+    apply_masks = None
+    if args.sparse:  # the sparsity layer only when asked for
+        from megatron_ext.sparsity.export import baked_weights as apply_masks
 
     try:
         info = platform.init_distributed(args.tensor_model_parallel_size)
@@ -60,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(args.load, seq_length=args.seq_length, text_file=args.text_file,
                               data_path=args.data_path, micro_batch_size=args.micro_batch_size,
                               sparse=args.sparse, params_dtype=args.dtype, tokenizer_type=args.tokenizer_type,
-                              max_windows=args.max_windows, apply_masks=_bake_hard_masks if args.sparse else None)
+                              max_windows=args.max_windows, apply_masks=apply_masks)
         except (MegatronExtError, OSError) as e:  # every error a user can cause
             print(f"error: {e}", file=sys.stderr)
             return 1

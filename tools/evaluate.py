@@ -72,14 +72,6 @@ def result_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _bake_hard_masks(state_dict):
-    """Dense weights times the hard N:M masks (argmax of the logits, or the saved hard masks)."""
-    from megatron_ext.sparsity.export import bake_masks
-
-    baked, _ = bake_masks(state_dict)
-    return baked
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -93,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.errors import MegatronExtError
     from megatron_ext.evaluation import evaluate_set, load_model
 
+    apply_masks = None
+    if args.sparse:  # the sparsity layer only when asked for
+        from megatron_ext.sparsity.export import baked_weights as apply_masks
+
     try:
         info = platform.init_distributed(args.tensor_model_parallel_size)
     except ValueError as e:
@@ -103,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model = load_model(args.load, params_dtype=args.dtype, sparse=args.sparse,
                                tokenizer_type=args.tokenizer_type,
-                               apply_masks=_bake_hard_masks if args.sparse else None)
+                               apply_masks=apply_masks)
             for name, kind, path in sets:
                 result = evaluate_set(model, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                                       max_windows=args.max_windows,

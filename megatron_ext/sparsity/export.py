@@ -82,6 +82,12 @@ def bake_masks(state_dict: Mapping[str, torch.Tensor], N: Optional[int] = None,
     return out, masks
 
 
+def baked_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``bake_masks``'s state dict alone: what evaluating with the hard masks loads
+    (``megatron_ext.evaluation``'s ``apply_masks``)."""
+    return bake_masks(state_dict)[0]
+
+
 # --------------------------------------------------------------------------- packed masks
 
 
