@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_ext import platform
 from megatron_ext.errors import InputError
 
 
@@ -107,10 +108,8 @@ def next_token_logits(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: 
 def padded_vocab_mask(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``logits`` (this rank's vocabulary shard, last dim) with Megatron's padding rows
     (ids >= ``vocab_size``) at -inf."""
-    from megatron.core import parallel_state
-
     shard = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    start = platform.tp_rank() * shard
     if start + shard <= vocab_size:
         return logits
     pad = torch.arange(start, start + shard, device=logits.device) >= vocab_size
@@ -121,15 +120,13 @@ def vocab_parallel_top1(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The global arg-max token id ``[...]`` of vocabulary-parallel ``logits`` ``[..., V/tp]``
     (padding rows excluded; ties go to the smallest id, as ``argmax`` on the whole row)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     logits = padded_vocab_mask(logits.float(), vocab_size)
     value, index = logits.max(dim=-1)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
+    if platform.tp_size() == 1:
         return index
-    group = parallel_state.get_tensor_model_parallel_group()
-    index = index + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    group = platform.tp_group()
+    index = index + platform.tp_rank() * logits.shape[-1]
     best = value.clone()
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
     candidate = torch.where(value == best, index, torch.full_like(index, torch.iinfo(index.dtype).max))
@@ -147,7 +144,6 @@ def evaluate_windows(model: torch.nn.Module, windows: np.ndarray, vocab_size: in
     group computes the same windows. Returns the all-reduced result on every rank.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     if micro_batch_size < 1:
@@ -156,8 +152,7 @@ def evaluate_windows(model: torch.nn.Module, windows: np.ndarray, vocab_size: in
         bad = int(windows.min()) if windows.min() < 0 else int(windows.max())
         raise PerplexityError(f"token id {bad} is outside the model's vocabulary of {vocab_size} "
                               "(tokenizer and checkpoint do not match)")
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank, dp_size = platform.dp_rank(), platform.dp_size()
     n, s = windows.shape
     mine = list(range(dp_rank, n, dp_size))
     per_window = torch.zeros(2, n, dtype=torch.float64)  # NLL sum, correct predictions
@@ -174,7 +169,7 @@ def evaluate_windows(model: torch.nn.Module, windows: np.ndarray, vocab_size: in
         per_window[1, idx] = correct.double().cpu()
     if dp_size > 1:  # NCCL reduces device tensors only
         reduced = per_window.to(device)
-        dist.all_reduce(reduced, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(reduced, group=platform.dp_group())
         per_window = reduced.cpu()
     total = float(per_window[0].sum())
     correct_total = int(per_window[1].sum())
