@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import io
 import os
 import sys
@@ -46,8 +47,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_common import emit, environment  # noqa: E402
 from megatron_ext.inference import (DecodeGraph, greedy_generate, model_from_state_dict, pack_2of4,  # noqa: E402
                                     projection_shapes, sparse_kernels_available, unpack_2of4)
-from megatron_ext.inference.sparse import (DEFAULT_TOKEN_COUNTS, _graph_ms, magnitude_2of4_mask,  # noqa: E402
-                                           measure_table, pad_rows)
+from megatron_ext.inference.sparse import (DEFAULT_TOKEN_COUNTS, GEMV_MAX_TOKENS, _graph_ms,  # noqa: E402
+                                           cusparselt_layout, gemv, gemv_available, magnitude_2of4_mask,
+                                           measure_table, pad_rows, time_gemv_configs)
 from megatron_ext.models import get_config  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -110,15 +112,19 @@ def bench_linears(shapes: dict, tokens: list[int], opts) -> list[str]:
     from torch.sparse import to_sparse_semi_structured
 
     gen = torch.Generator(device="cuda").manual_seed(0)
+    layouts = []
     lines = ["| linear | W [out, in] | tokens | dense eager ms | dense graph ms | old path (eager) | cuSPARSELt alg 0, "
              "copy transpose (graph) | + fused transpose (graph) | + searched alg (graph) | + searched alg (eager) "
-             "| host us/call, direct | best sparse graph ms | rel. diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| host us/call, direct | Triton gemv, best config (graph) | best sparse graph ms | rel. diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (o, i) in shapes.items():
         w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
         w = w * magnitude_2of4_mask(w)
         wc = torch._cslt_compress(w)
         ws = to_sparse_semi_structured(w)
+        same_layout = bool(torch.equal(wc.reshape(-1).view(torch.uint8), cusparselt_layout(w).view(torch.uint8)))
+        log(f"{name}: torch._cslt_compress equals cusparselt_layout byte for byte: {same_layout}")
+        layouts.append(f"{name} {o}x{i}: {'equal' if same_layout else 'DIFFERENT'}")
         for t in tokens:
             x = torch.randn(t, i, device="cuda", dtype=torch.bfloat16, generator=gen)
             xp = pad_rows(x)
@@ -131,6 +137,13 @@ def bench_linears(shapes: dict, tokens: list[int], opts) -> list[str]:
             best = lambda: torch._cslt_sparse_mm(wc, xp.t(), transpose_result=True, alg_id=alg)  # noqa: E731
             err = max(rel_diff(f()[:t], ref) for f in (copy_t, fused, best))
             d_e, d_g = eager_ms(dense, opts.warmup, opts.iters), _graph_ms(dense)
+            gemv_col, g_g = "n/a", math.inf
+            if same_layout and t <= GEMV_MAX_TOKENS and gemv_available():
+                g_times = time_gemv_configs(wc, x, o, i)
+                k_best = min(range(len(g_times)), key=g_times.__getitem__)
+                g_g = g_times[k_best]
+                err = max(err, rel_diff(gemv(wc, x, o, i, k_best), ref))
+                gemv_col = f"{d_g / g_g:.2f}x (config {k_best})"
             try:
                 old_e = f"{d_e / eager_ms(old, opts.warmup, opts.iters):.2f}x"
             except Exception as e:  # noqa: BLE001 - the old path refuses some shapes
@@ -145,9 +158,10 @@ def bench_linears(shapes: dict, tokens: list[int], opts) -> list[str]:
             torch.cuda.synchronize()
             lines.append(f"| {name} | {o}x{i} | {t} | {d_e:.4f} | {d_g:.4f} | {old_e} | {d_g / c_g:.2f}x "
                          f"| {d_g / f_g:.2f}x | {d_g / b_g:.2f}x (alg {alg}) | {d_e / b_e:.2f}x | {host_us:.0f} "
-                         f"| {b_g:.4f} | {err:.1e} |")
+                         f"| {gemv_col} | {min(b_g, g_g):.4f} | {err:.1e} |")
             log(lines[-1])
-
+    lines += ["", "- The compressed buffer against `cusparselt_layout` (the layout the Triton kernel reads), byte for "
+                  "byte: " + "; ".join(layouts)]
     return lines
 
 
@@ -408,9 +422,10 @@ def main(argv=None) -> int:
     lines.append(f"- cuSPARSELt {torch.backends.cusparselt.version()}")
     shapes = fused_shapes(cfg)
     if not opts.skip_linears:
-        lines += ["", f"Single linears, y = x W^T, x [tokens, in] bf16. Eager: mean of {opts.iters} back-to-back calls "
-                      f"after {opts.warmup}; graph: median replay of 10 calls captured in a CUDA graph. Columns 6-10: "
-                      "dense / variant speed-up in that mode:", ""]
+        lines += ["", f"Single linears, y = x W^T, x [tokens, in] bf16. Eager: mean of {opts.iters} back-to-back "
+                      f"calls after {opts.warmup}; graph: median replay of 10 calls captured in a CUDA graph. "
+                      "Columns 6-10 and 12: dense / variant speed-up in that mode (the Triton decode kernel, which reads cuSPARSELt's "
+                      f"compressed buffer, up to {GEMV_MAX_TOKENS} tokens: its fastest tile configuration):", ""]
         try:
             lines += bench_linears(shapes, tokens, opts)
         except Exception:  # noqa: BLE001 - report and go on to the model

@@ -1,8 +1,10 @@
 """Inference of exported 2:4 models with sparse tensor-core kernels, in plain torch.
 
-* ``sparse``: ``SparseLinear`` (cuSPARSELt 2:4 GEMM or dense, per shape and token count,
-  from a measured ``KernelTable``), the 2:4 layout in plain torch, the CPU fallback. The
-  only module here that knows about the device.
+* ``sparse``: ``SparseLinear`` (cuSPARSELt's 2:4 GEMM, the Triton decode kernel or dense,
+  per shape and token count, from a measured ``KernelTable``), the 2:4 and cuSPARSELt
+  layouts in plain torch, the CPU fallback. With ``sparse_gemv`` (the Triton kernel that
+  reads cuSPARSELt's compressed buffer at a few token rows, imported when first used), the
+  only modules here that know about the device.
 * ``model``: ``LlamaForInference``, a lean LLaMA over a static KV cache.
 * ``generate``: ``greedy_generate`` with the decode step replayed from a CUDA graph.
 * ``load``: ``load_sparse_model(hf_dir)`` for ``tools/export_sparse.py --format hf`` output.

@@ -37,8 +37,9 @@ N, M = 2, 4
 # cuSPARSELt's smallest dense operand for 16-bit types: the token rows are padded to a multiple of this.
 DENSE_ROW_MULTIPLE = 8
 DEFAULT_TOKEN_COUNTS = (1, 16, 128, 512, 4096)
-KERNELS = ("dense", "sparse")
-TABLE_VERSION = 1
+GEMV_MAX_TOKENS = 128           # the Triton decode kernel is offered up to this many token rows
+KERNELS = ("dense", "sparse", "gemv")
+TABLE_VERSION = 2
 
 
 class SparseFormatError(InputError):
@@ -94,6 +95,58 @@ def unpack_2of4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return dense.reshape(out_f, half * 2)
 
 
+# cuSPARSELt's compressed buffer (bf16/fp16, as measured on its 0.8 release): the kept values
+# [out, in/2] row-major, then the 4-bit entries of pack_2of4 in tiles of 64 rows x 8 groups
+# (meta_nibble_index). Other shapes are padded by cuSPARSELt and not described here.
+META_ROW_TILE, META_COL_TILE = 64, 32
+
+
+def layout_supported(out_f: int, in_f: int) -> bool:
+    """Whether ``cusparselt_layout`` / ``meta_nibble_index`` describe this weight shape."""
+    return out_f % META_ROW_TILE == 0 and in_f % META_COL_TILE == 0
+
+
+def meta_nibble_index(rows: torch.Tensor, groups: torch.Tensor, in_f: int) -> torch.Tensor:
+    """Where the 4-bit entry of group ``groups`` (inputs ``4g..4g+3``) of row ``rows`` sits
+    among the metadata's entries (entry ``e``: byte ``e // 2``, the low 4 bits when even).
+    Tiles of 64 rows x 8 groups, row-tile major; in a tile four 16-row sub-tiles of 128
+    entries; in a sub-tile 16-entry runs per ``row % 8``, ordered by ``group % 4``, then
+    ``group % 8 >= 4``, then ``row % 16 >= 8``."""
+    kg = in_f // M
+    return (((rows // 64) * (kg // 8) + groups // 8) * 512 + ((rows % 64) // 16) * 128 + (rows % 8) * 16
+            + (groups % 4) * 4 + ((groups % 8) // 4) * 2 + (rows % 16) // 8)
+
+
+def cusparselt_layout(weight: torch.Tensor) -> torch.Tensor:
+    """The buffer ``torch._cslt_compress(weight)`` returns, in plain torch (1-D, ``weight``'s
+    dtype, 16-bit only): what the Triton decode kernel reads, and the CPU tests' stand-in."""
+    if weight.element_size() != 2 or not layout_supported(*weight.shape):
+        raise SparseFormatError(f"cusparselt_layout: a 16-bit [out, in] weight with out % {META_ROW_TILE} == 0 "
+                                f"and in % {META_COL_TILE} == 0, not {weight.dtype} {tuple(weight.shape)}")
+    values, meta = pack_2of4(weight)
+    out_f, in_f = weight.shape
+    nibble = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(out_f, in_f // M)
+    rows = torch.arange(out_f, device=weight.device)[:, None]
+    groups = torch.arange(in_f // M, device=weight.device)[None, :]
+    entries = torch.empty(out_f * in_f // M, dtype=torch.uint8, device=weight.device)
+    entries[meta_nibble_index(rows, groups, in_f).reshape(-1)] = nibble.reshape(-1)
+    meta_bytes = entries[0::2] | (entries[1::2] << 4)
+    return torch.cat([values.reshape(-1).view(torch.uint8), meta_bytes]).view(weight.dtype)
+
+
+def cusparselt_dense(compressed: torch.Tensor, out_f: int, in_f: int) -> torch.Tensor:
+    """Inverse of ``cusparselt_layout``: the dense ``[out, in]`` weight."""
+    flat = compressed.reshape(-1)
+    half = out_f * in_f // 2
+    entries_bytes = flat.view(torch.uint8)[2 * half:]
+    entries = torch.stack([entries_bytes & 0xF, entries_bytes >> 4], dim=-1).reshape(-1)
+    rows = torch.arange(out_f, device=flat.device)[:, None]
+    groups = torch.arange(in_f // M, device=flat.device)[None, :]
+    nibble = entries[meta_nibble_index(rows, groups, in_f)]                 # [out, in/4]
+    meta = nibble[:, 0::2] | (nibble[:, 1::2] << 4)
+    return unpack_2of4(flat[:half].reshape(out_f, in_f // 2), meta)
+
+
 def packed_bytes(weight: torch.Tensor) -> int:
     """Bytes of the 2:4 compressed form of ``weight``: half the values plus 2 bits per kept value."""
     return weight.numel() // 2 * weight.element_size() + weight.numel() // 8
@@ -127,10 +180,36 @@ def sparse_kernels_note(device: Optional[torch.device] = None) -> Optional[str]:
 
 @dataclass
 class Choice:
-    kernel: str                 # "dense" | "sparse"
-    alg_id: int = 0             # cuSPARSELt algorithm (sparse only)
+    kernel: str                 # "dense" | "sparse" (cuSPARSELt) | "gemv" (the Triton decode kernel)
+    alg_id: int = 0             # cuSPARSELt algorithm (sparse)
     dense_ms: float = math.nan
     sparse_ms: float = math.nan
+    gemv_ms: float = math.nan   # the best configuration's; nan where not measured
+    gemv_config: int = 0        # index into sparse_gemv.CONFIGS (gemv)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether this kernel reads the compressed weight."""
+        return self.kernel != "dense"
+
+    def runnable(self, measured_tokens: int, tokens: int) -> "Choice":
+        """This choice (measured at ``measured_tokens``) as it applies at ``tokens``: the Triton
+        kernel only up to ``GEMV_MAX_TOKENS`` rows (cuSPARSELt above), and a searched cuSPARSELt
+        algorithm only at the padded size it was found for (its default, 0, elsewhere)."""
+        c = self
+        if c.kernel == "gemv" and tokens > GEMV_MAX_TOKENS:
+            c = Choice("sparse", 0, c.dense_ms, c.sparse_ms, c.gemv_ms, c.gemv_config)
+        if c.kernel == "sparse" and c.alg_id and _padded(measured_tokens) != _padded(tokens):
+            c = Choice("sparse", 0, c.dense_ms, c.sparse_ms, c.gemv_ms, c.gemv_config)
+        return c
+
+    def best_compressed(self) -> "Choice":
+        """The faster kernel of those reading the compressed weight (for a layer without a dense copy)."""
+        if self.kernel != "dense":
+            return self
+        if self.gemv_ms == self.gemv_ms and not self.gemv_ms > self.sparse_ms:
+            return Choice("gemv", self.alg_id, self.dense_ms, self.sparse_ms, self.gemv_ms, self.gemv_config)
+        return Choice("sparse", self.alg_id, self.dense_ms, self.sparse_ms, self.gemv_ms, self.gemv_config)
 
 
 @dataclass
@@ -164,35 +243,44 @@ class KernelTable:
         best = self.nearest(out_f, in_f, tokens)
         if best is None:
             return Choice("dense")
-        c = self.entries[self._k(out_f, in_f, best)]
-        if _padded(best) != _padded(tokens) and c.alg_id:
-            c = Choice(c.kernel, 0, c.dense_ms, c.sparse_ms)
-        return c
+        return self.entries[self._k(out_f, in_f, best)].runnable(best, tokens)
 
     def kernels_for(self, out_f: int, in_f: int) -> set[str]:
         counts = self.token_counts(out_f, in_f)
         return {self.entries[self._k(out_f, in_f, c)].kernel for c in counts} or {"dense"}
 
     def to_json(self) -> dict:
-        return {"version": TABLE_VERSION, "key": self.key,
-                "entries": {k: vars(v) for k, v in self.entries.items()}}
+        def plain(c: Choice) -> dict:      # JSON has no NaN: a kernel not measured is null
+            return {f: (None if isinstance(v, float) and v != v else v) for f, v in vars(c).items()}
+
+        return {"version": TABLE_VERSION, "key": self.key, "entries": {k: plain(v) for k, v in self.entries.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> "KernelTable":
         if data.get("version") != TABLE_VERSION:
             raise ValueError(f"kernel table version {data.get('version')!r}, expected {TABLE_VERSION}")
-        return cls(data.get("key", ""), {k: Choice(**v) for k, v in data["entries"].items()})
+        def choice(v: dict) -> Choice:
+            return Choice(**{f: (math.nan if x is None else x) for f, x in v.items()})
+
+        return cls(data.get("key", ""), {k: choice(v) for k, v in data["entries"].items()})
 
     def rows(self) -> list[str]:
         """A Markdown table of the choices."""
-        out = ["| W [out, in] | tokens | dense ms | sparse ms | sparse speed-up | runs | cuSPARSELt alg |",
-               "|---|---|---|---|---|---|---|"]
+        out = ["| W [out, in] | tokens | dense ms | cuSPARSELt ms (alg) | speed-up | Triton gemv ms (config) "
+               "| speed-up | runs | best compressed speed-up |",
+               "|---|---|---|---|---|---|---|---|---|"]
+
+        def ratio(ms):
+            return f"{c.dense_ms / ms:.2f}x" if ms == ms and ms > 0 else ""
+
         for k in sorted(self.entries, key=lambda s: tuple(int(x) for x in s.split(","))):
             o, i, t = k.split(",")
             c = self.entries[k]
-            ratio = c.dense_ms / c.sparse_ms if c.sparse_ms == c.sparse_ms and c.sparse_ms > 0 else math.nan
-            out.append(f"| {o}x{i} | {t} | {c.dense_ms:.4f} | {c.sparse_ms:.4f} | {ratio:.2f}x | {c.kernel} "
-                       f"| {c.alg_id if c.kernel == 'sparse' else ''} |")
+            gemv = f"{c.gemv_ms:.4f} ({c.gemv_config})" if c.gemv_ms == c.gemv_ms else "n/a"
+            best = c.best_compressed()
+            best_ms = best.gemv_ms if best.kernel == "gemv" else best.sparse_ms
+            out.append(f"| {o}x{i} | {t} | {c.dense_ms:.4f} | {c.sparse_ms:.4f} ({c.alg_id}) | {ratio(c.sparse_ms)} "
+                       f"| {gemv} | {ratio(c.gemv_ms)} | {c.kernel} | {ratio(best_ms)} |")
         return out
 
 
@@ -269,11 +357,48 @@ def _graph_ms(fn, reps: int = 10, replays: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def gemv_available(device: Optional[torch.device] = None) -> bool:
+    """The Triton decode kernel: the sparse kernels' GPU and triton compiled for it."""
+    if not sparse_kernels_available(device):
+        return False
+    from megatron_ext.inference import sparse_gemv
+    return sparse_gemv.available() and not sparse_gemv.interpreted()
+
+
+def gemv(compressed: torch.Tensor, x: torch.Tensor, out_f: int, in_f: int, config: int) -> torch.Tensor:
+    from megatron_ext.inference.sparse_gemv import sparse_gemv
+    return sparse_gemv(compressed, x, out_f, in_f, config)
+
+
+def time_gemv_configs(compressed: torch.Tensor, x: torch.Tensor, out_f: int, in_f: int) -> list[float]:
+    """GPU milliseconds of the Triton decode kernel per tile configuration (``inf`` for one
+    that does not compile or launch on this GPU, e.g. too much shared memory)."""
+    from megatron_ext.inference.sparse_gemv import CONFIGS
+
+    times = []
+    for i in range(len(CONFIGS)):
+        try:
+            times.append(_graph_ms(lambda: gemv(compressed, x, out_f, in_f, i)))  # noqa: B023 - called at once
+        except Exception:  # noqa: BLE001 - triton's out-of-resources and compile errors have no common base
+            torch.cuda.synchronize()
+            times.append(math.inf)
+    return times
+
+
+def _fastest(kernels: dict[str, float], margin: float) -> str:
+    """Dense unless a compressed kernel beats it by ``margin``; among those, the fastest."""
+    fast = min((ms, k) for k, ms in kernels.items() if k != "dense" and ms == ms)
+    return fast[1] if kernels["dense"] > fast[0] * margin else "dense"
+
+
 @torch.no_grad()
 def measure_shape(out_f: int, in_f: int, tokens: int, dtype: torch.dtype = torch.bfloat16,
-                  device: Optional[torch.device] = None, margin: float = 1.0) -> Choice:
-    """Time the dense GEMM and cuSPARSELt (its best algorithm, searched once) for one shape on
-    random 2:4 data; sparse is chosen when ``dense_ms > sparse_ms * margin``."""
+                  device: Optional[torch.device] = None, margin: float = 1.0, log=None) -> Choice:
+    """Time the dense GEMM, cuSPARSELt (its best algorithm, searched once) and, up to
+    ``GEMV_MAX_TOKENS`` rows, the Triton decode kernel (each of its tile configurations) for
+    one shape on random 2:4 data. The Triton kernel is offered only where the buffer
+    cuSPARSELt wrote equals ``cusparselt_layout``'s byte for byte (the layout it reads).
+    A compressed kernel is chosen when ``dense_ms > its_ms * margin``."""
     device = device or torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(out_f * 31 + in_f)
     w = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen)
@@ -284,8 +409,18 @@ def measure_shape(out_f: int, in_f: int, tokens: int, dtype: torch.dtype = torch
     xp = pad_rows(x)
     alg = int(torch._cslt_sparse_mm_search(wc, xp.t(), transpose_result=True))
     sparse_ms = _graph_ms(lambda: torch._cslt_sparse_mm(wc, xp.t(), transpose_result=True, alg_id=alg))
-    kernel = "sparse" if dense_ms > sparse_ms * margin else "dense"
-    return Choice(kernel, alg, dense_ms, sparse_ms)
+    gemv_ms, config = math.nan, 0
+    if tokens <= GEMV_MAX_TOKENS and layout_supported(out_f, in_f) and w.element_size() == 2 \
+            and gemv_available(device):
+        if torch.equal(wc.reshape(-1).view(torch.uint8), cusparselt_layout(w).view(torch.uint8)):
+            times = time_gemv_configs(wc, x, out_f, in_f)
+            config = min(range(len(times)), key=times.__getitem__)
+            gemv_ms = times[config] if times[config] < math.inf else math.nan
+        elif log:
+            log(f"kernel table: W {out_f}x{in_f}: cuSPARSELt's buffer is not the layout the Triton kernel reads; "
+                "not offering it")
+    kernel = _fastest({"dense": dense_ms, "sparse": sparse_ms, "gemv": gemv_ms}, margin)
+    return Choice(kernel, alg, dense_ms, sparse_ms, gemv_ms, config)
 
 
 def measure_table(shapes: Iterable[tuple[int, int]], token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
@@ -298,11 +433,12 @@ def measure_table(shapes: Iterable[tuple[int, int]], token_counts: Sequence[int]
     missing = [(o, i, t) for o, i in dict.fromkeys(shapes) for t in token_counts
                if KernelTable._k(o, i, t) not in table.entries]
     for o, i, t in missing:
-        choice = measure_shape(o, i, t, dtype, device)
+        choice = measure_shape(o, i, t, dtype, device, log=log)
         table.set(o, i, t, choice)
         if log:
             log(f"kernel table: W {o}x{i}, {t} tokens: dense {choice.dense_ms:.4f} ms, sparse "
-                f"{choice.sparse_ms:.4f} ms (alg {choice.alg_id}) -> {choice.kernel}")
+                f"{choice.sparse_ms:.4f} ms (alg {choice.alg_id}), Triton gemv {choice.gemv_ms:.4f} ms "
+                f"(config {choice.gemv_config}) -> {choice.kernel}")
     if missing and cache is not None:
         try:
             write_table(cache, table)
@@ -335,9 +471,10 @@ def pad_rows(x: torch.Tensor) -> torch.Tensor:
 class SparseLinear(torch.nn.Module):
     """``y = x W^T`` for a 2:4 ``W [out, in]`` (no bias), through the kernel the table picks.
 
-    Holds the cuSPARSELt-compressed weight where the table ever picks sparse for this
-    shape, and the dense weight only where it ever picks dense (``keep_dense=False`` drops
-    the dense copy and runs sparse at every token count instead, for the memory bound).
+    Holds the cuSPARSELt-compressed weight where the table ever picks a kernel that reads it
+    (cuSPARSELt's or the Triton decode kernel) for this shape, and the dense weight only where
+    it ever picks dense (``keep_dense=False`` drops the dense copy and runs the faster
+    compressed kernel at every token count instead, for the memory bound).
     """
 
     def __init__(self, weight: torch.Tensor, table: Optional[KernelTable] = None, *, name: str = "weight",
@@ -350,19 +487,20 @@ class SparseLinear(torch.nn.Module):
         self.table = table
         use_sparse = table is not None and sparse_kernels_available(weight.device)
         kernels = table.kernels_for(self.out_features, self.in_features) if use_sparse else {"dense"}
-        if "sparse" in kernels and not keep_dense:
-            kernels = {"sparse"}
-        self.compressed = torch._cslt_compress(weight.contiguous()) if "sparse" in kernels else None
+        reads_compressed = bool(kernels & {"sparse", "gemv"})
+        if reads_compressed and not keep_dense:
+            kernels = kernels - {"dense"}
+        self.compressed = torch._cslt_compress(weight.contiguous()) if reads_compressed else None
         self.weight = weight if "dense" in kernels else None
-        self.force_sparse = self.weight is None
 
     def choice(self, tokens: int) -> Choice:
         if self.compressed is None:
             return Choice("dense")
-        if self.force_sparse:
-            c = self.table.choose(self.out_features, self.in_features, tokens)
-            return c if c.kernel == "sparse" else Choice("sparse", c.alg_id)
-        return self.table.choose(self.out_features, self.in_features, tokens)
+        best = self.table.nearest(self.out_features, self.in_features, tokens)
+        c = self.table.entries[self.table._k(self.out_features, self.in_features, best)]
+        if self.weight is None:
+            c = c.best_compressed()
+        return c.runnable(best, tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -371,6 +509,8 @@ class SparseLinear(torch.nn.Module):
         c = self.choice(tokens)
         if c.kernel == "dense":
             y = F.linear(x2, self.weight)
+        elif c.kernel == "gemv":
+            y = gemv(self.compressed, x2, self.out_features, self.in_features, c.gemv_config)
         else:
             y = torch._cslt_sparse_mm(self.compressed, pad_rows(x2).t(), transpose_result=True, alg_id=c.alg_id)
             if y.shape[0] != tokens:
@@ -389,5 +529,5 @@ class SparseLinear(torch.nn.Module):
         return torch._cslt_sparse_mm(self.compressed, eye)
 
     def extra_repr(self) -> str:
-        kinds = [k for k, t in (("sparse", self.compressed), ("dense", self.weight)) if t is not None]
+        kinds = [k for k, t in (("compressed", self.compressed), ("dense", self.weight)) if t is not None]
         return f"in={self.in_features}, out={self.out_features}, holds={'+'.join(kinds)}"

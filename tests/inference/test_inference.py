@@ -48,6 +48,35 @@ def test_pack_keeps_values_in_input_order_with_their_positions():
     assert meta.tolist() == [[(1 | 3 << 2) | ((0 | 1 << 2) << 4)]]
 
 
+def test_cusparselt_layout_places_each_groups_entry_where_the_library_does():
+    """The positions below were read off ``torch._cslt_compress`` on an H100 (cuSPARSELt 0.8) by
+    compressing matrices whose groups' patterns spell out their own index bit by bit; the
+    benchmark checks the whole buffer byte for byte against the library on the GPU."""
+    from megatron_ext.inference.sparse import cusparselt_dense, cusparselt_layout, meta_nibble_index
+
+    out_f, in_f = 128, 64                       # 2 row tiles x 2 column tiles of 64 rows x 8 groups
+    observed = {(0, 0): 0, (8, 0): 1, (0, 4): 2, (8, 4): 3, (0, 1): 4, (1, 0): 16, (16, 0): 128,
+                (0, 8): 512, (64, 0): 1024, (15, 7): 127}
+    for (r, g), e in observed.items():
+        assert int(meta_nibble_index(torch.tensor(r), torch.tensor(g), in_f)) == e
+    rows, groups = torch.arange(out_f)[:, None], torch.arange(in_f // 4)[None, :]
+    assert meta_nibble_index(rows, groups, in_f).unique().numel() == out_f * in_f // 4   # a permutation
+    w = _two_of_four(out_f, in_f).to(torch.bfloat16)
+    w[5, 8:12] = torch.tensor([0.0, 0.0, 0.0, 2.0])                                       # fewer than 2 kept
+    buf = cusparselt_layout(w)
+    assert buf.dtype == torch.bfloat16 and buf.numel() * 2 == w.numel() * 2 * 9 // 16
+    values, _ = pack_2of4(w)
+    assert torch.equal(buf[: w.numel() // 2], values.reshape(-1))                          # values first, row-major
+    entry = int(meta_nibble_index(torch.tensor(9), torch.tensor(5), in_f))                 # group 5 of row 9
+    byte = int(buf.view(torch.uint8)[w.numel() + entry // 2])
+    nib = (byte >> (4 * (entry % 2))) & 0xF
+    kept = (w[9, 20:24] != 0).nonzero().flatten().tolist()
+    assert nib == (kept[0] | kept[1] << 2)
+    assert torch.equal(cusparselt_dense(buf, out_f, in_f), w)
+    with pytest.raises(SparseFormatError, match="out % 64"):
+        cusparselt_layout(w[:32])
+
+
 def test_a_dense_weight_is_refused_naming_row_and_group():
     w = _two_of_four(8, 16)
     w[3, 8:12] = 1.0
@@ -92,7 +121,28 @@ def test_table_round_trips_through_its_cache_file_per_key(tmp_path):
     assert read_table(path, "missing").entries == {}
     path.write_text("not json")
     assert read_table(path, "test").entries == {}
-    assert "| 64x32 | 4096 | 1.0000 | 0.7000 | 1.43x | sparse | 3 |" in _table().rows()
+    assert "| 64x32 | 4096 | 1.0000 | 0.7000 (3) | 1.43x | n/a |  | sparse | 1.43x |" in _table().rows()
+    gemv = _table()
+    gemv.set(64, 32, 1, Choice("gemv", 0, 0.01, 0.02, 0.005, 6))
+    write_table(path, gemv)
+    assert read_table(path, "test").to_json() == gemv.to_json()
+    assert "| 64x32 | 1 | 0.0100 | 0.0200 (0) | 0.50x | 0.0050 (6) | 2.00x | gemv | 2.00x |" in gemv.rows()
+
+
+def test_table_offers_the_decode_kernel_only_up_to_its_token_limit():
+    from megatron_ext.inference.sparse import GEMV_MAX_TOKENS
+
+    t = KernelTable("test")
+    t.set(64, 32, 16, Choice("gemv", 5, 0.02, 0.03, 0.01, 2))
+    t.set(64, 32, 4096, Choice("dense", 0, 1.0, 1.2))
+    c = t.choose(64, 32, 20)
+    assert (c.kernel, c.gemv_config) == ("gemv", 2)
+    t.set(64, 32, 16 * GEMV_MAX_TOKENS, Choice("gemv", 5, 0.02, 0.03, 0.01, 2))   # measured beyond the limit
+    assert t.choose(64, 32, 16 * GEMV_MAX_TOKENS).kernel == "sparse"
+    # without a dense copy: the faster compressed kernel where dense had won
+    assert t.choose(64, 32, 4096).best_compressed().kernel == "sparse"
+    assert Choice("dense", 0, 0.01, 0.03, 0.02, 4).best_compressed().kernel == "gemv"
+    assert Choice("dense", 0, 0.01, 0.03).best_compressed().kernel == "sparse"     # gemv never measured
 
 
 def test_sparse_linear_on_cpu_keeps_the_dense_masked_weight():
