@@ -37,7 +37,7 @@ N, M = 2, 4
 # cuSPARSELt's smallest dense operand for 16-bit types: the token rows are padded to a multiple of this.
 DENSE_ROW_MULTIPLE = 8
 DEFAULT_TOKEN_COUNTS = (1, 16, 128, 512, 4096)
-GEMV_MAX_TOKENS = 128           # the Triton decode kernel is offered up to this many token rows
+GEMV_MAX_TOKENS = 16            # the Triton decode kernel is offered up to this many token rows
 KERNELS = ("dense", "sparse", "gemv")
 TABLE_VERSION = 2
 

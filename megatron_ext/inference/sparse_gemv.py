@@ -15,10 +15,13 @@ weight (0.5625x of dense bf16) and no dense copy for decode:
   ordered by group ``g % 4``, then ``g % 8 >= 4``, then ``r % 16 >= 8``. The layout needs
   ``out % 64 == 0`` and ``in % 32 == 0`` (``sparse.layout_supported``), true of every
   LLaMA projection.
-* a program computes ``BLOCK_N`` output features for all (up to ``BLOCK_T``) token rows:
-  per step it loads ``BLOCK_N x 2*BLOCK_G`` kept values and their metadata, expands them
-  into the dense ``BLOCK_N x 4*BLOCK_G`` tile in registers, and multiplies with the dense
-  tensor-core dot against the token rows' ``4*BLOCK_G`` inputs, accumulating in fp32.
+* a program computes ``BLOCK_N`` output features for all token rows (``BLOCK_T``, the next
+  power of two): per step it loads ``BLOCK_N x BLOCK_G`` groups' two kept values and their
+  4-bit entry, spreads them over the group's 4 positions and multiplies with the token rows'
+  4 inputs of the group (no tensor cores: at a few rows the product is a stream of the
+  weight's bytes through fp32 FMAs), summing in fp32. ``SPLIT_K`` programs share a row
+  block's inputs and add their partial sums atomically into an fp32 result, for more
+  loads in flight on a short, wide weight.
 
 ``CONFIGS`` are the tile shapes the kernel table (``sparse.measure_shape``) times per
 weight shape and token count; the winner's index is stored in the table. Triton is
@@ -39,18 +42,18 @@ try:
 except ImportError:
     triton = None
 
-MAX_TOKENS = 128                 # the largest token count this kernel is compiled for
+MAX_TOKENS = 16                  # the largest token count the kernel is offered for
 
 
 class Config(NamedTuple):
-    block_n: int
-    block_g: int
+    block_n: int         # output features per program
+    block_g: int         # groups of 4 inputs per loop step
+    split_k: int         # programs sharing one row block's inputs (partial sums added atomically)
     num_warps: int
-    num_stages: int
 
 
-CONFIGS = (Config(16, 64, 4, 3), Config(16, 128, 4, 3), Config(32, 64, 4, 3), Config(32, 128, 4, 3),
-           Config(64, 64, 4, 3), Config(16, 256, 8, 3), Config(32, 32, 2, 4), Config(64, 128, 8, 3))
+CONFIGS = (Config(16, 64, 1, 4), Config(16, 64, 2, 4), Config(16, 128, 4, 4), Config(64, 32, 8, 4),
+           Config(8, 128, 4, 2), Config(8, 64, 8, 2), Config(32, 32, 8, 4))
 
 
 def available() -> bool:
@@ -64,50 +67,66 @@ def interpreted() -> bool:
 
 
 def block_tokens(tokens: int) -> int:
-    """The token tile the kernel is compiled for: at least 16 (the dot's smallest), a power of two."""
-    return max(16, triton.next_power_of_2(tokens)) if triton is not None else max(16, 1 << (tokens - 1).bit_length())
+    """The token tile the kernel is compiled for: the next power of two."""
+    return 1 << max(tokens - 1, 0).bit_length()
 
 
 if triton is not None:
     @triton.jit(do_not_specialize=["T"])
     def _kernel(x_ptr, v_ptr, meta_ptr, y_ptr, T, N, stride_x, stride_y, KG: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, UPCAST: tl.constexpr):
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr,
+                STEPS: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rt = tl.arange(0, BLOCK_T)
         row_ok = rn < N
+        t_ok = rt < T
+        # The 4-bit entries (sparse.meta_nibble_index): the 8 groups of one column tile of row r
+        # are the low (r % 16 < 8) or high nibbles of 8 consecutive bytes, one 64-bit word:
+        # word (r // 64) * (KG // 8) * 32 + tile * 32 + ((r % 64) // 16) * 8 + r % 8, group
+        # j = g % 8 in byte (j % 4) * 2 + j // 4. BLOCK_G is a multiple of 8.
+        row_word = (rn // 64) * (KG // 8) * 32 + ((rn % 64) // 16) * 8 + rn % 8
+        row_shift = ((rn % 16) // 8) * 4
+        j = tl.arange(0, 8)
+        shift = (8 * ((j % 4) * 2 + j // 4))[None, None, :] + row_shift[:, None, None]      # [BLOCK_N, 1, 8]
+        a = tl.arange(0, BLOCK_G)
+        tiles = tl.arange(0, BLOCK_G // 8)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for g0 in range(0, KG, BLOCK_G):
-            rg = g0 + tl.arange(0, BLOCK_G)
-            ok = row_ok[:, None] & (rg[None, :] < KG)
-            # the kept values of these groups, as two [BLOCK_N, BLOCK_G] tiles (first, second kept)
+        for i in range(0, STEPS):                  # this program's share of the groups (masked past the end)
+            g0 = (pid_k * STEPS + i) * BLOCK_G
+            rg = g0 + a
+            g_ok = rg < KG
+            # the two kept values of each group (contiguous: vector loads) and their 4-bit entry
             rj = 2 * g0 + tl.arange(0, 2 * BLOCK_G)
-            v = tl.load(v_ptr + rn[:, None] * (2 * KG) + rj[None, :],
-                        mask=row_ok[:, None] & (rj[None, :] < 2 * KG), other=0.0)
-            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))
-            r = rn[:, None]
-            g = rg[None, :]
-            e = (((r // 64) * (KG // 8) + g // 8) * 512 + ((r % 64) // 16) * 128 + (r % 8) * 16
-                 + (g % 4) * 4 + ((g % 8) // 4) * 2 + (r % 16) // 8)
-            byte = tl.load(meta_ptr + e // 2, mask=ok, other=0).to(tl.int32)
-            nib = (byte >> ((e % 2) * 4)) & 15
-            p0 = nib & 3
+            v = tl.load(v_ptr + rn[:, None] * (2 * KG) + rj[None, :], mask=row_ok[:, None] & (rj[None, :] < 2 * KG),
+                        other=0.0)
+            v0, v1 = tl.split(tl.reshape(v.to(tl.float32), (BLOCK_N, BLOCK_G, 2)))
+            tile = g0 // 8 + tiles
+            word = tl.load(meta_ptr + row_word[:, None] + (tile * 32)[None, :],
+                           mask=row_ok[:, None] & (tile < KG // 8)[None, :], other=0)     # [BLOCK_N, BLOCK_G // 8]
+            nib = tl.reshape(((word[:, :, None] >> shift) & 15).to(tl.int32), (BLOCK_N, BLOCK_G))
+            p0 = nib & 3                            # i0 < i1: i0 is 0, 1 or 2; i1 is 1, 2 or 3
             p1 = nib >> 2
             zero = tl.zeros_like(v0)
-            d0 = tl.where(p0 == 0, v0, zero)
-            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-            d3 = tl.where(p1 == 3, v1, zero)
-            w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, 4 * BLOCK_G))
-            rk = 4 * g0 + tl.arange(0, 4 * BLOCK_G)
-            x = tl.load(x_ptr + rt[:, None] * stride_x + rk[None, :],
-                        mask=(rt[:, None] < T) & (rk[None, :] < 4 * KG), other=0.0)
-            if UPCAST:      # Triton's CPU interpreter multiplies 16-bit floats wrongly in tl.dot
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-        y = acc.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + rt[:, None] * stride_y + rn[None, :], y, mask=(rt[:, None] < T) & row_ok[None, :])
+            d0 = tl.where(p0 == 0, v0, zero)[None, :, :]
+            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))[None, :, :]
+            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))[None, :, :]
+            d3 = tl.where(p1 == 3, v1, zero)[None, :, :]
+            # the token rows' inputs at the 4 positions of each group: [BLOCK_T, 1, BLOCK_G]
+            xp = x_ptr + rt[:, None] * stride_x + 4 * rg[None, :]
+            x_ok = t_ok[:, None] & g_ok[None, :]
+            x0 = tl.load(xp, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            x1 = tl.load(xp + 1, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            x2 = tl.load(xp + 2, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            x3 = tl.load(xp + 3, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+            acc += tl.sum(d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3, axis=2)
+        out = y_ptr + rt[:, None] * stride_y + rn[None, :]
+        out_ok = t_ok[:, None] & row_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        else:
+            tl.atomic_add(out, acc, mask=out_ok)
 
 
 def sparse_gemv(compressed: torch.Tensor, x: torch.Tensor, out_f: int, in_f: int, config: int = 0) -> torch.Tensor:
@@ -122,11 +141,14 @@ def sparse_gemv(compressed: torch.Tensor, x: torch.Tensor, out_f: int, in_f: int
     flat = compressed.reshape(-1)
     half = out_f * in_f // 2
     values = flat[:half]
-    meta = flat.view(torch.uint8)[2 * half:]
-    y = torch.empty(tokens, out_f, dtype=x.dtype, device=x.device)
+    meta = flat.view(torch.uint8)[2 * half:].view(torch.int64)       # out * in / 8 bytes, 8-aligned
     c = CONFIGS[config]
-    grid = (triton.cdiv(out_f, c.block_n),)
+    split = c.split_k
+    y = (torch.zeros(tokens, out_f, dtype=torch.float32, device=x.device) if split > 1
+         else torch.empty(tokens, out_f, dtype=x.dtype, device=x.device))
+    grid = (triton.cdiv(out_f, c.block_n), split)
     _kernel[grid](x, values, meta, y, tokens, out_f, x.stride(0), y.stride(0), KG=in_f // 4,
-                  BLOCK_T=block_tokens(tokens), BLOCK_N=c.block_n, BLOCK_G=c.block_g,
-                  UPCAST=interpreted(), num_warps=c.num_warps, num_stages=c.num_stages)
-    return y
+                  BLOCK_T=block_tokens(tokens), BLOCK_N=c.block_n, BLOCK_G=c.block_g, SPLIT_K=split,
+                  STEPS=triton.cdiv(triton.cdiv(in_f // 4, c.block_g), split),
+                  num_warps=c.num_warps)
+    return y.to(x.dtype) if split > 1 else y

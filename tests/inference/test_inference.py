@@ -135,7 +135,7 @@ def test_table_offers_the_decode_kernel_only_up_to_its_token_limit():
     t = KernelTable("test")
     t.set(64, 32, 16, Choice("gemv", 5, 0.02, 0.03, 0.01, 2))
     t.set(64, 32, 4096, Choice("dense", 0, 1.0, 1.2))
-    c = t.choose(64, 32, 20)
+    c = t.choose(64, 32, 12)
     assert (c.kernel, c.gemv_config) == ("gemv", 2)
     t.set(64, 32, 16 * GEMV_MAX_TOKENS, Choice("gemv", 5, 0.02, 0.03, 0.01, 2))   # measured beyond the limit
     assert t.choose(64, 32, 16 * GEMV_MAX_TOKENS).kernel == "sparse"
