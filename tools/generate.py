@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: --load)")
     p.add_argument("--sparse-only", action="store_true", help="skip the dense run")
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--compressed-only", action="store_true",
+                   help="keep only the compressed 2:4 weights (0.5625x of dense bf16 bytes), no dense copies: "
+                        "where dense was measured faster the faster compressed kernel runs instead "
+                        "(cuSPARSELt's GEMM or the Triton decode kernel)")
     p.add_argument("--kernel-table", default=None,
                    help="JSON cache of the measured kernel choices (default: ~/.cache/megatron_ext/...)")
     args = p.parse_args(argv)
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             if label == "dense" and args.sparse_only:
                 break
             model = model_from_state_dict(cfg, sd, sparse=sparse, dtype=dtype, device=args.device,
-                                          table_cache=args.kernel_table, max_len=len(prompt) + args.max_new_tokens,
+                                          keep_dense=not args.compressed_only, table_cache=args.kernel_table, max_len=len(prompt) + args.max_new_tokens,
                                           log=lambda m: print(m, file=sys.stderr))
             graphs = False if args.no_graphs else None
             greedy_generate(model, prompt, min(args.max_new_tokens, 2), graphs=graphs)   # warm-up

@@ -282,7 +282,7 @@ def test_generate_tool_prints_both_continuations_and_their_speed(exported, capsy
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.main(["--load", str(exported), "--prompt", "To be, or not", "--max-new-tokens", "5",
-                      "--kernel-table", str(tmp_path / "t.json")]) == 0
+                      "--kernel-table", str(tmp_path / "t.json"), "--compressed-only"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert lines[0].startswith("[sparse] To be, or not") and lines[2].startswith("[dense] To be, or not")
