@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                               data_path=args.data_path, micro_batch_size=args.micro_batch_size,
                               sparse=args.sparse, params_dtype=args.dtype, tokenizer_type=args.tokenizer_type,
                               max_windows=args.max_windows, apply_masks=apply_masks)
-        except (MegatronExtError, OSError) as e:  # every error a user can cause
+        except MegatronExtError as e:  # every error a user can cause: 2 for bad input, 1 for a failing run
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except OSError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         if info.rank == 0:

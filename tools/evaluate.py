@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                               "dtype": args.dtype, "tensor_model_parallel_size": info.tp_size,
                               "max_windows": args.max_windows, "sets": rows}
                     atomic_write_text(Path(args.output), json.dumps(report, indent=2) + "\n")
-        except (MegatronExtError, OSError) as e:  # every error a user can cause
+        except MegatronExtError as e:  # every error a user can cause: 2 for bad input, 1 for a failing run
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except OSError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0

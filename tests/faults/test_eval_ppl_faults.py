@@ -63,7 +63,7 @@ def eval_ppl(checkpoint, *args) -> subprocess.CompletedProcess:
 
 
 def _refused(res: subprocess.CompletedProcess) -> str:
-    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.returncode == 2, res.stdout + res.stderr         # bad input, as the trainer's flag errors
     assert "Traceback" not in res.stderr and "PPL" not in res.stdout
     (line,) = [l for l in res.stderr.splitlines() if l.startswith("error: ")]
     return line

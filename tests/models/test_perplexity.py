@@ -137,17 +137,17 @@ def test_llama2_tokenizer_checkpoint_at_other_tp_matches_transformers(tiny_ckpt,
 
 
 def test_sparse_without_masks_and_bad_input(tiny_ckpt, text_file, tmp_path, capsys):
-    path, _ = tiny_ckpt
+    path, _ = tiny_ckpt                       # bad input exits 2, as the trainer's does
     rc, out, err = _run_tool(capsys, "--load", path, "--text-file", text_file, "--seq-length", 64, "--sparse")
-    assert rc == 1 and "checkpoint has no masks" in err and str(path) in err
+    assert rc == 2 and "checkpoint has no masks" in err and str(path) in err
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.", encoding="utf-8")
     rc, out, err = _run_tool(capsys, "--load", path, "--text-file", short, "--seq-length", 64)
-    assert rc == 1 and "fewer than one window of --seq-length 64" in err
+    assert rc == 2 and "fewer than one window of --seq-length 64" in err
     rc, out, err = _run_tool(capsys, "--load", tmp_path / "nope", "--text-file", text_file, "--seq-length", 64)
-    assert rc == 1 and "nope: checkpoint not found" in err
+    assert rc == 2 and "nope: checkpoint not found" in err
     rc, out, err = _run_tool(capsys, "--load", path, "--text-file", tmp_path / "none.txt", "--seq-length", 64)
-    assert rc == 1 and "none.txt: text file not found" in err
+    assert rc == 2 and "none.txt: text file not found" in err
     rc, out, err = _run_tool(capsys, "--load", path, "--text-file", text_file, "--seq-length", 64,
                              "--tensor-model-parallel-size", 2)
     assert rc == 2 and "does not divide the world size 1" in err
