@@ -159,10 +159,16 @@ def ppl_of(output: str) -> tuple[float, int]:
     return float(m.group(1)), int(m.group(2))
 
 
-def gap_closed(ppl: float | None, dense: float | None, sgpt: float | None) -> str:
+def gap_share(ppl: float | None, dense: float | None, sgpt: float | None) -> float | None:
+    """The share of SparseGPT's gap to dense that ``ppl`` closes (1: dense, 0: SparseGPT), if known."""
     if None in (ppl, dense, sgpt) or sgpt == dense:
-        return "—"
-    return f"{100 * (sgpt - ppl) / (sgpt - dense):.0f}%"
+        return None
+    return (sgpt - ppl) / (sgpt - dense)
+
+
+def gap_closed(ppl: float | None, dense: float | None, sgpt: float | None) -> str:
+    share = gap_share(ppl, dense, sgpt)
+    return "—" if share is None else f"{100 * share:.0f}%"
 
 
 # --------------------------------------------------------------------------- the study
