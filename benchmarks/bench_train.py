@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_common import (MASK_ONLY_FLAGS, memory_gib, reset_memory, tiny_data, timed_steps,  # noqa: E402
                           trainer_argv)
 from megatron_ext import platform  # noqa: E402
-from megatron_ext.training import Run, parse_args  # noqa: E402
+from megatron_ext.train import Run, parse_args  # noqa: E402  (the trainer with the MaskLLM plug-in)
 from megatron_ext.training.evaluate import masked_loss_sums  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def time_bare(opts):
     run = Run(parse_args(trainer_argv(opts, [])))
     model, stream = run.model, run.train_stream
     run.optimizer.close()  # plain autograd: the parameters' .grad, no fp32 buffer
-    n_micro = run.args.num_microbatches
+    n_micro = run.plan.stages[0].num_microbatches(run.dinfo.dp_size)
 
     def step():
         total = 0.0
