@@ -60,8 +60,9 @@ def load_sparse_model(path: str | os.PathLike, *, sparse: bool = True, dtype: to
 
     ``sparse=True``: every q/k/v/o/gate/up/down weight is checked to be 2:4 and runs through
     the kernel that ``kernel_table_for`` measured fastest for its shape and token count
-    (cuSPARSELt's sparse GEMM or the dense one); ``keep_dense=False`` keeps only the
-    compressed weights (sparse at every token count). Where the sparse kernels do not exist
+    (cuSPARSELt's sparse GEMM, the Triton decode kernel at up to 16 token rows, or the dense
+    GEMM); ``keep_dense=False`` keeps only the compressed weights (0.5625x of dense bf16),
+    running the faster compressed kernel where dense was measured faster. Where the sparse kernels do not exist
     (a CPU) the dense masked weights run and ``model.notes`` says so. ``sparse=False``
     loads the same weights dense (the reference).
     """
