@@ -5,11 +5,13 @@ The math is ``megatron_ext.models.perplexity``'s; this module reads the checkpoi
 (ours at any TP, or a Hugging Face directory) and builds the dense model once
 (``load_model``; for ``--sparse`` the masks are applied through a function the caller
 passes, the sparsity layer's ``bake_masks``), then scores one set at a time
-(``evaluate_set``). ``evaluate`` does both for a single set.
+(``evaluate_set``). ``evaluate`` does both for a single set. ``run_tool`` is what the two
+tools share around the work: the process group, error reporting, tear-down.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +27,7 @@ from megatron_ext.models.perplexity import (PerplexityError, PerplexityResult, d
                                             make_windows, text_tokens)
 
 __all__ = ["EvalModel", "PerplexityError", "PerplexityResult", "check_eval_source", "evaluate", "evaluate_set",
-           "load_model"]
+           "load_model", "run_tool"]
 
 MaskFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -136,3 +138,28 @@ def evaluate(load: str | os.PathLike, *, seq_length: int, text_file: str | os.Pa
                        apply_masks=apply_masks)
     return evaluate_set(model, seq_length=seq_length, text_file=text_file, data_path=data_path,
                         micro_batch_size=micro_batch_size, max_windows=max_windows)
+
+
+def run_tool(tp_size: int, work: Callable[[platform.DistInfo], None]) -> int:
+    """An evaluation tool's exit status: ``work(info)`` in a process group at TP ``tp_size``
+    (a size that does not divide the world: exit 2), a failure the user can cause reported as
+    one ``error: ...`` line (the error's own status: 2 for bad input, 1 for a failing run; 1
+    for an OS error), the group torn down whatever happens."""
+    from megatron_ext.errors import MegatronExtError
+
+    try:
+        info = platform.init_distributed(tp_size)
+    except ValueError as e:
+        print(f"error: --tensor-model-parallel-size: {e}", file=sys.stderr)
+        return 2
+    try:
+        work(info)
+        return 0
+    except MegatronExtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        platform.destroy_distributed()

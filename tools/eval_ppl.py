@@ -38,39 +38,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_ext import platform
-    from megatron_ext.errors import MegatronExtError
-    from megatron_ext.evaluation import evaluate
+    from megatron_ext.evaluation import evaluate, run_tool
 
     apply_masks = None
     if args.sparse:  # the sparsity layer only when asked for
         from megatron_ext.sparsity.export import baked_weights as apply_masks
 
-    try:
-        info = platform.init_distributed(args.tensor_model_parallel_size)
-    except ValueError as e:
-        print(f"error: --tensor-model-parallel-size: {e}", file=sys.stderr)
-        return 2
-    try:
-        try:
-            result = evaluate(args.load, seq_length=args.seq_length, text_file=args.text_file,
-                              data_path=args.data_path, micro_batch_size=args.micro_batch_size,
-                              sparse=args.sparse, params_dtype=args.dtype, tokenizer_type=args.tokenizer_type,
-                              max_windows=args.max_windows, apply_masks=apply_masks)
-        except MegatronExtError as e:  # every error a user can cause: 2 for bad input, 1 for a failing run
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
-        except OSError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+    def work(info) -> None:
+        result = evaluate(args.load, seq_length=args.seq_length, text_file=args.text_file,
+                          data_path=args.data_path, micro_batch_size=args.micro_batch_size,
+                          sparse=args.sparse, params_dtype=args.dtype, tokenizer_type=args.tokenizer_type,
+                          max_windows=args.max_windows, apply_masks=apply_masks)
         if info.rank == 0:
             print(f"windows {result.windows} x {args.seq_length} tokens, TP={info.tp_size} DP={info.dp_size}, "
                   f"mean NLL {result.nll_sum / result.tokens:.6f}", flush=True)
             print(result.line(), flush=True)
-        return 0
-    finally:
-        platform.destroy_distributed()
 
+    return run_tool(args.tensor_model_parallel_size, work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -81,53 +81,37 @@ def main(argv: list[str] | None = None) -> int:
     except EvalSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from megatron_ext import platform
-    from megatron_ext.errors import MegatronExtError
-    from megatron_ext.evaluation import evaluate_set, load_model
+    from megatron_ext.evaluation import evaluate_set, load_model, run_tool
 
     apply_masks = None
     if args.sparse:  # the sparsity layer only when asked for
         from megatron_ext.sparsity.export import baked_weights as apply_masks
 
-    try:
-        info = platform.init_distributed(args.tensor_model_parallel_size)
-    except ValueError as e:
-        print(f"error: --tensor-model-parallel-size: {e}", file=sys.stderr)
-        return 2
-    try:
+    def work(info) -> None:
         rows = []
-        try:
-            model = load_model(args.load, params_dtype=args.dtype, sparse=args.sparse,
-                               tokenizer_type=args.tokenizer_type,
-                               apply_masks=apply_masks)
-            for name, kind, path in sets:
-                result = evaluate_set(model, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                                      max_windows=args.max_windows,
-                                      **({"text_file": path} if kind == "text" else {"data_path": path}))
-                rows.append({"name": name, "path": path, "kind": kind, "ppl": result.ppl, "loss": result.loss,
-                             "accuracy": result.accuracy, "tokens": result.tokens, "windows": result.windows})
-                if info.rank == 0:
-                    print(f"{name}: PPL {result.ppl:.6f} accuracy {result.accuracy:.6f} tokens {result.tokens}",
-                          flush=True)
+        model = load_model(args.load, params_dtype=args.dtype, sparse=args.sparse,
+                           tokenizer_type=args.tokenizer_type,
+                           apply_masks=apply_masks)
+        for name, kind, path in sets:
+            result = evaluate_set(model, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                                  max_windows=args.max_windows,
+                                  **({"text_file": path} if kind == "text" else {"data_path": path}))
+            rows.append({"name": name, "path": path, "kind": kind, "ppl": result.ppl, "loss": result.loss,
+                         "accuracy": result.accuracy, "tokens": result.tokens, "windows": result.windows})
             if info.rank == 0:
-                print(result_table(rows), flush=True)
-                if args.output is not None:
-                    from megatron_ext.checkpoint.files import atomic_write_text
+                print(f"{name}: PPL {result.ppl:.6f} accuracy {result.accuracy:.6f} tokens {result.tokens}",
+                      flush=True)
+        if info.rank == 0:
+            print(result_table(rows), flush=True)
+            if args.output is not None:
+                from megatron_ext.checkpoint.files import atomic_write_text
 
-                    report = {"load": str(args.load), "sparse": args.sparse, "seq_length": args.seq_length,
-                              "dtype": args.dtype, "tensor_model_parallel_size": info.tp_size,
-                              "max_windows": args.max_windows, "sets": rows}
-                    atomic_write_text(Path(args.output), json.dumps(report, indent=2) + "\n")
-        except MegatronExtError as e:  # every error a user can cause: 2 for bad input, 1 for a failing run
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
-        except OSError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
-    finally:
-        platform.destroy_distributed()
+                report = {"load": str(args.load), "sparse": args.sparse, "seq_length": args.seq_length,
+                          "dtype": args.dtype, "tensor_model_parallel_size": info.tp_size,
+                          "max_windows": args.max_windows, "sets": rows}
+                atomic_write_text(Path(args.output), json.dumps(report, indent=2) + "\n")
 
+    return run_tool(args.tensor_model_parallel_size, work)
 
 if __name__ == "__main__":
     sys.exit(main())
