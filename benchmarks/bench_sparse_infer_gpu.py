@@ -48,7 +48,7 @@ from bench_common import emit, environment  # noqa: E402
 from megatron_ext.inference import (DecodeGraph, greedy_generate, model_from_state_dict, pack_2of4,  # noqa: E402
                                     projection_shapes, sparse_kernels_available, unpack_2of4)
 from megatron_ext.inference.sparse import (DEFAULT_TOKEN_COUNTS, GEMV_MAX_TOKENS, _graph_ms,  # noqa: E402
-                                           cusparselt_layout, gemv, gemv_available, magnitude_2of4_mask,
+                                           capture_graph, cusparselt_layout, gemv, gemv_available, magnitude_2of4_mask,
                                            measure_table, pad_rows, time_gemv_configs)
 from megatron_ext.models import get_config  # noqa: E402
 
@@ -84,15 +84,7 @@ class Graphed:
     """``fn()`` captured once in a CUDA graph; calling replays it."""
 
     def __init__(self, fn):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
+        self.graph, self.out = capture_graph(fn)
 
     def __call__(self):
         self.graph.replay()

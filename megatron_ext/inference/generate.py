@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_ext.inference.model import KVCache, LlamaForInference
+from megatron_ext.inference.sparse import capture_graph
 
 
 class DecodeGraph:
@@ -24,15 +25,8 @@ class DecodeGraph:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         # warm-up and capture write position 0's slot: keep it, so a graph can be made over a filled cache
         saved = cache.k[:, :, :, :1].clone(), cache.v[:, :, :, :1].clone()
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):
-                model(self.ids, cache, self.pos)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = model(self.ids, cache, self.pos)
+        with torch.no_grad():
+            self.graph, self.logits = capture_graph(lambda: model(self.ids, cache, self.pos), device=dev)
         cache.k[:, :, :, :1].copy_(saved[0])
         cache.v[:, :, :, :1].copy_(saved[1])
 

@@ -324,21 +324,29 @@ def write_table(path: os.PathLike, table: KernelTable) -> None:
     os.replace(tmp, path)
 
 
+def capture_graph(fn, repeat: int = 1, device: Optional[torch.device] = None) -> tuple:
+    """``fn()`` run twice on a side stream (warm-up: lazy initialisation, allocations, kernel
+    compilation), then ``repeat`` calls of it captured in one CUDA graph: (the graph, what the
+    last captured call returned). Replaying the graph reruns the calls on the same buffers."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            out = fn()
+    return graph, out
+
+
 def _graph_ms(fn, reps: int = 10, replays: int = 5) -> float:
     """GPU milliseconds per call of ``fn``: ``reps`` calls captured in one CUDA graph, the
     median of ``replays`` timed replays (host overhead excluded, as in graphed inference).
     Where capture fails, back-to-back eager calls are timed instead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
+        graph, _ = capture_graph(fn, reps)
         run = graph.replay
     except RuntimeError:
         torch.cuda.synchronize()
