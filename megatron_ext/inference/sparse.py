@@ -187,11 +187,6 @@ class Choice:
     gemv_ms: float = math.nan   # the best configuration's; nan where not measured
     gemv_config: int = 0        # index into sparse_gemv.CONFIGS (gemv)
 
-    @property
-    def compressed(self) -> bool:
-        """Whether this kernel reads the compressed weight."""
-        return self.kernel != "dense"
-
     def runnable(self, measured_tokens: int, tokens: int) -> "Choice":
         """This choice (measured at ``measured_tokens``) as it applies at ``tokens``: the Triton
         kernel only up to ``GEMV_MAX_TOKENS`` rows (cuSPARSELt above), and a searched cuSPARSELt
@@ -236,14 +231,16 @@ class KernelTable:
             return None
         return min(counts, key=lambda c: (abs(math.log(c) - math.log(max(tokens, 1))), c))
 
-    def choose(self, out_f: int, in_f: int, tokens: int) -> Choice:
+    def choose(self, out_f: int, in_f: int, tokens: int, compressed_only: bool = False) -> Choice:
         """The measured choice for this shape at the nearest measured token count; dense where
         the shape was never measured. A searched algorithm belongs to the problem size it was
-        found for: at another padded size the choice carries cuSPARSELt's default (0)."""
+        found for: at another padded size the choice carries cuSPARSELt's default (0).
+        ``compressed_only``: the faster kernel reading the compressed weight where dense won."""
         best = self.nearest(out_f, in_f, tokens)
         if best is None:
             return Choice("dense")
-        return self.entries[self._k(out_f, in_f, best)].runnable(best, tokens)
+        c = self.entries[self._k(out_f, in_f, best)]
+        return (c.best_compressed() if compressed_only else c).runnable(best, tokens)
 
     def kernels_for(self, out_f: int, in_f: int) -> set[str]:
         counts = self.token_counts(out_f, in_f)
@@ -504,11 +501,7 @@ class SparseLinear(torch.nn.Module):
     def choice(self, tokens: int) -> Choice:
         if self.compressed is None:
             return Choice("dense")
-        best = self.table.nearest(self.out_features, self.in_features, tokens)
-        c = self.table.entries[self.table._k(self.out_features, self.in_features, best)]
-        if self.weight is None:
-            c = c.best_compressed()
-        return c.runnable(best, tokens)
+        return self.table.choose(self.out_features, self.in_features, tokens, compressed_only=self.weight is None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
