@@ -45,6 +45,7 @@ OOM and the others go on; any other failure is reported and the exit status is 1
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -346,6 +347,15 @@ def profile_steps(run, opts) -> list[str]:
                 and not name.startswith(("Optimizer.", "ProfilerStep")))
 
     kernels = [e for e in prof.events() if is_kernel(e)]
+    if opts.profile_dir:  # every kernel's time and launches per step, for comparing two cases' kernels
+        per_name: dict[str, list] = {}
+        for e in kernels:
+            slot = per_name.setdefault(e.name, [0.0, 0])
+            slot[0] += e.time_range.elapsed_us() / opts.profile_steps
+            slot[1] += 1 / opts.profile_steps
+        with open(os.path.join(opts.profile_dir, f"kernels-{opts.profile_tag}.json"), "w") as f:
+            json.dump({k: {"us_per_step": v[0], "launches_per_step": v[1]} for k, v in per_name.items()}, f,
+                      indent=1, sort_keys=True)
     by_cat: dict[str, float] = {}
     for e in kernels:
         by_cat[_kernel_category(e.name)] = by_cat.get(_kernel_category(e.name), 0.0) + e.time_range.elapsed_us()
@@ -361,7 +371,7 @@ def profile_steps(run, opts) -> list[str]:
     if cur_e is not None:
         busy += cur_e - cur_s
     steps = opts.profile_steps
-    lines = [f"| kernel category | GPU ms / step | share of wall time |", "|---|---|---|"]
+    lines = ["| kernel category | GPU ms / step | share of wall time |", "|---|---|---|"]
     for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {cat} | {us / 1e3 / steps:.1f} | {us / wall_us:.1%} |")
     lines.append(f"| GPU idle (launch gaps, host work, sync): wall - union of kernels | "
