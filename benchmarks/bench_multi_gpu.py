@@ -104,7 +104,7 @@ class Scale:
         return gpus * self.tp // 4
 
 
-def gpu_scale(check_layers: int, steady: int) -> Scale:
+def gpu_scale(check_layers: int) -> Scale:
     return Scale(tiny=False, tp=4, tp_reshard=2, model_args=f"--model llama2-7b --num-layers {check_layers}",
                  full_model_args="--model llama2-7b", dtype_args="--bf16", seq=2048, gbs=64, mbs="auto",
                  train_iters=12, save_interval=4, kill_after=6, grad_gbs=16, grad_mbs=2, seqs={1: 2048, 2: 4096},
@@ -847,7 +847,7 @@ def main(argv=None) -> int:
         p.error(f"--gpus {opts.gpus}: this machine has {gpu_count()} GPU(s)")
     if opts.steady_iters < 1 or opts.warmup < 1:
         p.error("--steady-iters and --warmup must be >= 1")
-    scale = tiny_scale() if opts.tiny else gpu_scale(opts.check_layers, opts.steady_iters)
+    scale = tiny_scale() if opts.tiny else gpu_scale(opts.check_layers)
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     return Driver(opts, scale).run(items)
 
