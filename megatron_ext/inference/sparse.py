@@ -39,7 +39,7 @@ DENSE_ROW_MULTIPLE = 8
 DEFAULT_TOKEN_COUNTS = (1, 16, 128, 512, 4096)
 GEMV_MAX_TOKENS = 16            # the Triton decode kernel is offered up to this many token rows
 KERNELS = ("dense", "sparse", "gemv")
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 
 
 class SparseFormatError(InputError):
@@ -338,17 +338,32 @@ def capture_graph(fn, repeat: int = 1, device: Optional[torch.device] = None) ->
     return graph, out
 
 
-def _graph_ms(fn, reps: int = 10, replays: int = 5) -> float:
-    """GPU milliseconds per call of ``fn``: ``reps`` calls captured in one CUDA graph, the
-    median of ``replays`` timed replays (host overhead excluded, as in graphed inference).
-    Where capture fails, back-to-back eager calls are timed instead."""
+def streamed_copies(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` and clones of it spanning at least twice the GPU's L2 cache: timing calls that
+    cycle through them reads each weight from memory, as a model's forward does, not from the
+    L2 cache where one weight called again and again would sit."""
+    l2 = getattr(torch.cuda.get_device_properties(t.device), "L2_cache_size", 0) or 64 * 2**20
+    nbytes = t.numel() * t.element_size()
+    return [t] + [t.clone() for _ in range(max(1, math.ceil(2 * l2 / nbytes)) - 1)]
+
+
+def _graph_ms(fn, reps: int = 10, replays: int = 5, args: Optional[Sequence] = None) -> float:
+    """GPU milliseconds per call of ``fn()`` (or of ``fn(a)`` cycling through ``args``, at
+    least ``reps`` calls): the calls captured in one CUDA graph, the median of ``replays``
+    timed replays (host overhead excluded, as in graphed inference). Where capture fails,
+    back-to-back eager calls are timed instead."""
+    calls = [fn] * reps if args is None else [
+        (lambda a=a: fn(a)) for a in (list(args) * reps)[:max(reps, len(args))]]
+    def all_calls():
+        for call in calls:
+            call()
     try:
-        graph, _ = capture_graph(fn, reps)
+        graph, _ = capture_graph(all_calls)
         run = graph.replay
     except RuntimeError:
         torch.cuda.synchronize()
         graph = None
-        run = lambda: [fn() for _ in range(reps)]  # noqa: E731
+        run = all_calls
     run()
     times = []
     for _ in range(replays):
@@ -357,7 +372,7 @@ def _graph_ms(fn, reps: int = 10, replays: int = 5) -> float:
         run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
+        times.append(start.elapsed_time(end) / len(calls))
     del graph
     return sorted(times)[len(times) // 2]
 
@@ -375,15 +390,16 @@ def gemv(compressed: torch.Tensor, x: torch.Tensor, out_f: int, in_f: int, confi
     return sparse_gemv(compressed, x, out_f, in_f, config)
 
 
-def time_gemv_configs(compressed: torch.Tensor, x: torch.Tensor, out_f: int, in_f: int) -> list[float]:
-    """GPU milliseconds of the Triton decode kernel per tile configuration (``inf`` for one
-    that does not compile or launch on this GPU, e.g. too much shared memory)."""
+def time_gemv_configs(compressed: Sequence[torch.Tensor], x: torch.Tensor, out_f: int, in_f: int) -> list[float]:
+    """GPU milliseconds of the Triton decode kernel per tile configuration, cycling through
+    the ``compressed`` copies of one weight (``inf`` for a configuration that does not compile
+    or launch on this GPU, e.g. too much shared memory)."""
     from megatron_ext.inference.sparse_gemv import CONFIGS
 
     times = []
     for i in range(len(CONFIGS)):
         try:
-            times.append(_graph_ms(lambda: gemv(compressed, x, out_f, in_f, i)))  # noqa: B023 - called at once
+            times.append(_graph_ms(lambda wc: gemv(wc, x, out_f, in_f, i), args=compressed))  # noqa: B023
         except Exception:  # noqa: BLE001 - triton's out-of-resources and compile errors have no common base
             torch.cuda.synchronize()
             times.append(math.inf)
@@ -401,7 +417,8 @@ def measure_shape(out_f: int, in_f: int, tokens: int, dtype: torch.dtype = torch
                   device: Optional[torch.device] = None, margin: float = 1.0, log=None) -> Choice:
     """Time the dense GEMM, cuSPARSELt (its best algorithm, searched once) and, up to
     ``GEMV_MAX_TOKENS`` rows, the Triton decode kernel (each of its tile configurations) for
-    one shape on random 2:4 data. The Triton kernel is offered only where the buffer
+    one shape on random 2:4 data, each reading its weight from memory (``streamed_copies``),
+    as a forward through many layers does. The Triton kernel is offered only where the buffer
     cuSPARSELt wrote equals ``cusparselt_layout``'s byte for byte (the layout it reads).
     A compressed kernel is chosen when ``dense_ms > its_ms * margin``."""
     device = device or torch.device("cuda")
@@ -409,16 +426,17 @@ def measure_shape(out_f: int, in_f: int, tokens: int, dtype: torch.dtype = torch
     w = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen)
     w = w * magnitude_2of4_mask(w)
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
-    dense_ms = _graph_ms(lambda: F.linear(x, w))
+    dense_ms = _graph_ms(lambda wk: F.linear(x, wk), args=streamed_copies(w))
     wc = torch._cslt_compress(w)
+    wcs = streamed_copies(wc)
     xp = pad_rows(x)
     alg = int(torch._cslt_sparse_mm_search(wc, xp.t(), transpose_result=True))
-    sparse_ms = _graph_ms(lambda: torch._cslt_sparse_mm(wc, xp.t(), transpose_result=True, alg_id=alg))
+    sparse_ms = _graph_ms(lambda c: torch._cslt_sparse_mm(c, xp.t(), transpose_result=True, alg_id=alg), args=wcs)
     gemv_ms, config = math.nan, 0
     if tokens <= GEMV_MAX_TOKENS and layout_supported(out_f, in_f) and w.element_size() == 2 \
             and gemv_available(device):
         if torch.equal(wc.reshape(-1).view(torch.uint8), cusparselt_layout(w).view(torch.uint8)):
-            times = time_gemv_configs(wc, x, out_f, in_f)
+            times = time_gemv_configs(wcs, x, out_f, in_f)
             config = min(range(len(times)), key=times.__getitem__)
             gemv_ms = times[config] if times[config] < math.inf else math.nan
         elif log:
