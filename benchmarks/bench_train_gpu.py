@@ -22,7 +22,8 @@ AdamW, schedules), ``--tp``-way tensor parallel, ``--num-layers`` layers (defaul
 
 ``--mbs 1,4`` runs every case at each micro-batch size (dense and mask-only side by side, with
 their ratio); ``--profile`` adds a torch.profiler breakdown of a step (kernel categories,
-trainer phases, GPU idle time).
+trainer phases, GPU idle time) and, without the profiler, each phase of a step timed with the
+GPU synchronized around it (every forward and backward, the optimizer's and plug-ins' calls).
 
 Model FLOPs per iteration and GPU: ``6 * N * T + 12 * L * a * s * T``, with ``N`` the weights
 that enter matrix products on this GPU (q/k/v, o, gate/up, down and the output layer, counted
@@ -223,6 +224,7 @@ def run_case(opts, case: str, seq: int, mbs: int) -> dict:
             opts.profile_tag = f"{case}-seq{seq}-mb{mbs}"
             try:
                 result["profile"] = profile_steps(run, opts)
+                result["profile"] += ["", *phase_times(run, opts.profile_steps)]
             except Exception as e:  # noqa: BLE001 - the timings stand without it
                 traceback.print_exc()
                 result["profile"] = [f"profile failed: {type(e).__name__}: {e}"]
@@ -386,6 +388,58 @@ def profile_steps(run, opts) -> list[str]:
     if top:
         lines += ["", "| top kernels | GPU ms / step | category |", "|---|---|---|"]
         lines += [f"| `{k[:90]}` | {v / 1e3 / steps:.2f} | {_kernel_category(k)} |" for k, v in top]
+    return lines
+
+
+def phase_times(run, steps: int) -> list[str]:
+    """Each phase of ``steps`` trainer steps timed on the host clock with the GPU synchronized
+    before and after it: every forward, every backward, and the optimizer's and plug-ins'
+    calls (``PROFILE_RANGES``); "rest of the step" is what no phase covers (the loss read
+    back, the schedule, the step's bookkeeping). Synchronizing removes the overlap of host and
+    GPU, so the phases sum to more than an unsynchronized step: this says where the time is,
+    not how a free-running step hides it."""
+    import time
+    from collections import defaultdict
+
+    spent: dict[str, list[float]] = defaultdict(list)
+
+    def timed(fn, label):
+        def call(*a, **k):
+            platform.synchronize()
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                platform.synchronize()
+                spent[label].append(time.perf_counter() - start)
+        return call
+
+    targets = [(obj, attr, label) for owner, attr, label in PROFILE_RANGES
+               for obj in ([run.optimizer] if owner == "optimizer" else list(run.plugins)) if hasattr(obj, attr)]
+    targets += [(run.model, "forward", "forward (each micro-batch)"),
+                (torch.Tensor, "backward", "backward (each micro-batch, and the regulariser's)")]
+    saved = [(obj, attr, obj.__dict__.get(attr, None), getattr(obj, attr)) for obj, attr, _ in targets]
+    for (obj, attr, label), (_, _, _, fn) in zip(targets, saved):
+        setattr(obj, attr, timed(fn, label))
+    try:
+        platform.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            run.train_step()
+        platform.synchronize()
+        wall = time.perf_counter() - start
+    finally:
+        for obj, attr, own, _ in saved:
+            if own is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, own)
+    lines = ["| phase (GPU synchronized around it) | calls / step | ms / step | first call ms |", "|---|---|---|---|"]
+    for label, ts in spent.items():
+        lines.append(f"| {label} | {len(ts) / steps:g} | {sum(ts) * 1e3 / steps:.1f} | {ts[0] * 1e3:.1f} |")
+    rest = wall - sum(sum(ts) for ts in spent.values())
+    lines += [f"| rest of the step | | {rest * 1e3 / steps:.1f} | |",
+              f"| step, phases synchronized | | {wall * 1e3 / steps:.1f} | |"]
     return lines
 
 
