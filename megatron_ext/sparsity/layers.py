@@ -239,6 +239,7 @@ class _MaskedLinearMixin:
         # "kernel" / "torch" force one implementation, "reference" the plain autograd oracle
         self.mask_impl: Optional[str] = None
         self._mask_cache: Optional[_StepSample] = None
+        self._noise_cache: tuple = (None, 0)   # ((seed, step, layer id), its noise key): hashed once a step
         device = self.weight.device
         cands = candidates(N, M, device=device)
         groups = in_local // M
@@ -291,7 +292,10 @@ class _MaskedLinearMixin:
         return self.sparsity.mode == "train" and self.training
 
     def _noise_key(self) -> int:
-        return gumbel.noise_key(self.sparsity.seed, self.sparsity.step, self._require_id())
+        ident = (self.sparsity.seed, self.sparsity.step, self._require_id())
+        if self._noise_cache[0] != ident:  # every forward asks (the step cache key): hash once per step
+            self._noise_cache = (ident, gumbel.noise_key(*ident))
+        return self._noise_cache[1]
 
     def _kernel(self) -> bool:
         impl = self.mask_impl
