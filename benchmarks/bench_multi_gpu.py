@@ -52,7 +52,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -62,6 +61,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from processes import free_port, parent_pid, process_tree  # noqa: E402  (beside this file)
 
 LAUNCHER = REPO / "run_maskllm_native.sh"
 TRAIN_SCRIPT = REPO / "benchmarks" / "multi_gpu_train.sh"
@@ -186,31 +188,6 @@ def compare_gradients(dp2: dict, dp1: dict, rtol: float, loss_rtol: float) -> tu
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (torchrun's workers run in sessions of their own)."""
-    children: dict = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
-
-
 def _environ(pid: int) -> dict:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -224,14 +201,8 @@ def rank_process(root: int, rank: int) -> int | None:
     """The worker process of global ``rank`` under ``root`` (not a child it started)."""
     tree = process_tree(root)
     ranked = {p for p in tree if _environ(p).get("RANK") == str(rank) and "TORCHELASTIC_RUN_ID" in _environ(p)}
-    parents = {}
-    for p in ranked:
-        try:
-            with open(f"/proc/{p}/stat", encoding="utf-8", errors="replace") as f:
-                parents[p] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-    tops = [p for p, pp in parents.items() if pp not in ranked]
+    parents = {p: parent_pid(p) for p in ranked}
+    tops = [p for p, pp in parents.items() if pp is not None and pp not in ranked]
     return min(tops) if tops else None
 
 

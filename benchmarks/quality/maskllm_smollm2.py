@@ -40,7 +40,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,8 +47,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # megatron_ext, when it is not installed
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import study_inputs  # noqa: E402  (beside this file)
+from processes import free_port, process_tree, signal_pids  # noqa: E402,F401  (benchmarks/; the study drivers use them)
 TRAIN_SCRIPT = "scripts/learnable_sparsity/smollm2_135m_mask_only.sh"
 TRACKER = "latest_checkpointed_iteration.txt"
 PHASES = ("prepare", "oneshot", "train", "eval", "export")
@@ -105,38 +106,6 @@ def latest_iteration(ckpt: Path) -> int | None:
         return int((ckpt / TRACKER).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
-
-
-def signal_pids(pids, sig) -> None:
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
 
 
 def trainer_pids(pid: int) -> list[int]:
