@@ -3,11 +3,13 @@ fresh processes, an environment without an outer launcher's variables), follow a
 the process tree of a run."""
 import os
 import signal
-import socket
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from processes import free_port, process_tree, signal_pids  # noqa: E402,F401  (the drivers' own helpers)
 LAUNCHER = REPO / "run_maskllm_native.sh"
 TINY_TRAIN = REPO / "tests" / "launch" / "tiny_train.sh"
 # Set by torchrun or an outer launcher; a launched job must not inherit them.
@@ -22,51 +24,10 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_bash(script, *args, env=None, timeout=120, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(script), *map(str, args)], cwd=cwd, env=env if env is not None else clean_env(),
                           capture_output=True, text=True, timeout=timeout)
 
-
-
-def _children_map() -> dict:
-    children: dict = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def process_tree(pid: int) -> list:
-    """``pid`` and all its descendants (torchrun starts its workers in sessions of their own,
-    so a process group does not reach them)."""
-    children = _children_map()
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
-
-
-def _signal_all(pids, sig) -> None:
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
 
 
 class Launch:
@@ -116,19 +77,19 @@ class Launch:
             tree = [p for p in process_tree(self.proc.pid) if p not in seen]
             if not tree:
                 break
-            _signal_all(tree, signal.SIGSTOP)
+            signal_pids(tree, signal.SIGSTOP)
             seen += tree
         self._frozen = seen
         return seen
 
     def thaw(self) -> None:
-        _signal_all(self._frozen, signal.SIGCONT)
+        signal_pids(self._frozen, signal.SIGCONT)
         self._frozen = []
 
     def kill(self) -> int:
         """kill -9 every process of the run, as a machine failure would; returns the launcher's status."""
         pids = self._frozen or self.freeze()
-        _signal_all(pids, signal.SIGKILL)
+        signal_pids(pids, signal.SIGKILL)
         self._frozen = []
         status = self.proc.wait(timeout=60)
         self._reader.join(timeout=10)
@@ -146,7 +107,7 @@ class Launch:
     def cleanup(self) -> None:
         """Kill whatever is left of the run (after a failed assertion)."""
         if self.proc.poll() is None or len(process_tree(self.proc.pid)) > 1:
-            _signal_all(process_tree(self.proc.pid), signal.SIGKILL)
+            signal_pids(process_tree(self.proc.pid), signal.SIGKILL)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
