@@ -46,6 +46,7 @@ OOM and the others go on; any other failure is reported and the exit status is 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -302,6 +303,29 @@ def _range_time(evt) -> float:
     return 0.0
 
 
+def trainer_calls(run) -> list[tuple]:
+    """``(object, method name, label)`` of the optimizer's and plug-ins' calls in ``PROFILE_RANGES``."""
+    return [(obj, attr, label) for owner, attr, label in PROFILE_RANGES
+            for obj in ([run.optimizer] if owner == "optimizer" else list(run.plugins)) if hasattr(obj, attr)]
+
+
+@contextlib.contextmanager
+def wrapped_calls(targets, wrap):
+    """Within the block, each ``(obj, attr, label)`` of ``targets`` calls ``wrap(original, label)``
+    instead; afterwards every attribute is as it was (an instance's own, or none)."""
+    saved = [(obj, attr, obj.__dict__.get(attr), getattr(obj, attr)) for obj, attr, _ in targets]
+    try:
+        for (obj, attr, label), (_, _, _, fn) in zip(targets, saved):
+            setattr(obj, attr, wrap(fn, label))
+        yield
+    finally:
+        for obj, attr, own, _ in saved:
+            if own is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, own)
+
+
 def profile_steps(run, opts) -> list[str]:
     """Where a step's GPU time goes (torch.profiler over ``--profile-steps`` trainer steps):
     kernel time by category, the trainer phases' GPU time, and the GPU's idle time (wall
@@ -317,14 +341,8 @@ def profile_steps(run, opts) -> list[str]:
                 return fn(*a, **k)
         return call
 
-    saved = []
-    for owner, attr, label in PROFILE_RANGES:
-        for obj in ([run.optimizer] if owner == "optimizer" else list(run.plugins)):
-            if hasattr(obj, attr):
-                saved.append((obj, attr, getattr(obj, attr)))
-                setattr(obj, attr, wrapped(getattr(obj, attr), label))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if platform.has_cuda() else [])
-    try:
+    with wrapped_calls(trainer_calls(run), wrapped):
         platform.synchronize()
         with profile(activities=activities) as prof:
             start = time.perf_counter()
@@ -332,9 +350,6 @@ def profile_steps(run, opts) -> list[str]:
                 run.train_step()
             platform.synchronize()
             wall_us = (time.perf_counter() - start) * 1e6
-    finally:
-        for obj, attr, fn in saved:
-            setattr(obj, attr, fn)
     if opts.profile_dir:
         os.makedirs(opts.profile_dir, exist_ok=True)
         prof.export_chrome_trace(os.path.join(opts.profile_dir, f"trace-{opts.profile_tag}.json"))
@@ -414,26 +429,15 @@ def phase_times(run, steps: int) -> list[str]:
                 spent[label].append(time.perf_counter() - start)
         return call
 
-    targets = [(obj, attr, label) for owner, attr, label in PROFILE_RANGES
-               for obj in ([run.optimizer] if owner == "optimizer" else list(run.plugins)) if hasattr(obj, attr)]
-    targets += [(run.model, "forward", "forward (each micro-batch)"),
-                (torch.Tensor, "backward", "backward (each micro-batch, and the regulariser's)")]
-    saved = [(obj, attr, obj.__dict__.get(attr, None), getattr(obj, attr)) for obj, attr, _ in targets]
-    for (obj, attr, label), (_, _, _, fn) in zip(targets, saved):
-        setattr(obj, attr, timed(fn, label))
-    try:
+    targets = trainer_calls(run) + [(run.model, "forward", "forward (each micro-batch)"),
+                                    (torch.Tensor, "backward", "backward (each micro-batch, and the regulariser's)")]
+    with wrapped_calls(targets, timed):
         platform.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
             run.train_step()
         platform.synchronize()
         wall = time.perf_counter() - start
-    finally:
-        for obj, attr, own, _ in saved:
-            if own is None:
-                delattr(obj, attr)
-            else:
-                setattr(obj, attr, own)
     lines = ["| phase (GPU synchronized around it) | calls / step | ms / step | first call ms |", "|---|---|---|---|"]
     for label, ts in spent.items():
         lines.append(f"| {label} | {len(ts) / steps:g} | {sum(ts) * 1e3 / steps:.1f} | {ts[0] * 1e3:.1f} |")
