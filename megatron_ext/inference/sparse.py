@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -194,20 +194,18 @@ class Choice:
         """This choice (measured at ``measured_tokens``) as it applies at ``tokens``: the Triton
         kernel only up to ``GEMV_MAX_TOKENS`` rows (cuSPARSELt above), and a searched cuSPARSELt
         algorithm only at the padded size it was found for (its default, 0, elsewhere)."""
-        c = self
-        if c.kernel == "gemv" and tokens > GEMV_MAX_TOKENS:
-            c = Choice("sparse", 0, c.dense_ms, c.sparse_ms, c.gemv_ms, c.gemv_config)
-        if c.kernel == "sparse" and c.alg_id and _padded(measured_tokens) != _padded(tokens):
-            c = Choice("sparse", 0, c.dense_ms, c.sparse_ms, c.gemv_ms, c.gemv_config)
-        return c
+        if self.kernel == "gemv" and tokens > GEMV_MAX_TOKENS:
+            return replace(self, kernel="sparse", alg_id=0)
+        if self.kernel == "sparse" and self.alg_id and _padded(measured_tokens) != _padded(tokens):
+            return replace(self, alg_id=0)
+        return self
 
     def best_compressed(self) -> "Choice":
         """The faster kernel of those reading the compressed weight (for a layer without a dense copy)."""
         if self.kernel != "dense":
             return self
-        if self.gemv_ms == self.gemv_ms and not self.gemv_ms > self.sparse_ms:
-            return Choice("gemv", self.alg_id, self.dense_ms, self.sparse_ms, self.gemv_ms, self.gemv_config)
-        return Choice("sparse", self.alg_id, self.dense_ms, self.sparse_ms, self.gemv_ms, self.gemv_config)
+        faster = "gemv" if self.gemv_ms == self.gemv_ms and not self.gemv_ms > self.sparse_ms else "sparse"
+        return replace(self, kernel=faster)
 
 
 @dataclass
@@ -416,37 +414,46 @@ def _fastest(kernels: dict[str, float], margin: float) -> str:
 
 
 @torch.no_grad()
-def measure_shape(out_f: int, in_f: int, tokens: int, dtype: torch.dtype = torch.bfloat16,
-                  device: Optional[torch.device] = None, margin: float = 1.0, log=None) -> Choice:
-    """Time the dense GEMM, cuSPARSELt (its best algorithm, searched once) and, up to
-    ``GEMV_MAX_TOKENS`` rows, the Triton decode kernel (each of its tile configurations) for
-    one shape on random 2:4 data, each reading its weight from memory (``streamed_copies``),
-    as a forward through many layers does. The Triton kernel is offered only where the buffer
-    cuSPARSELt wrote equals ``cusparselt_layout``'s byte for byte (the layout it reads).
-    A compressed kernel is chosen when ``dense_ms > its_ms * margin``."""
+def measure_shape(out_f: int, in_f: int, token_counts: Sequence[int], dtype: torch.dtype = torch.bfloat16,
+                  device: Optional[torch.device] = None, margin: float = 1.0, log=None) -> dict[int, Choice]:
+    """Time the dense GEMM, cuSPARSELt (its best algorithm, searched once per token count) and,
+    up to ``GEMV_MAX_TOKENS`` rows, the Triton decode kernel (each of its tile configurations)
+    for one shape on random 2:4 data at each of ``token_counts``, each kernel reading its
+    weight from memory (``streamed_copies``), as a forward through many layers does. The
+    Triton kernel is offered only where the buffer cuSPARSELt wrote equals
+    ``cusparselt_layout``'s byte for byte (the layout it reads). A compressed kernel is chosen
+    when ``dense_ms > its_ms * margin``. The weight, its copies and the layout check are made
+    once for all token counts."""
     device = device or torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(out_f * 31 + in_f)
     w = torch.randn(out_f, in_f, device=device, dtype=dtype, generator=gen)
     w = w * magnitude_2of4_mask(w)
-    x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
-    dense_ms = _graph_ms(lambda wk: F.linear(x, wk), args=streamed_copies(w))
+    wds = streamed_copies(w)
     wc = torch._cslt_compress(w)
     wcs = streamed_copies(wc)
-    xp = pad_rows(x)
-    alg = int(torch._cslt_sparse_mm_search(wc, xp.t(), transpose_result=True))
-    sparse_ms = _graph_ms(lambda c: torch._cslt_sparse_mm(c, xp.t(), transpose_result=True, alg_id=alg), args=wcs)
-    gemv_ms, config = math.nan, 0
-    if tokens <= GEMV_MAX_TOKENS and layout_supported(out_f, in_f) and w.element_size() == 2 \
-            and gemv_available(device):
-        if torch.equal(wc.reshape(-1).view(torch.uint8), cusparselt_layout(w).view(torch.uint8)):
+    offer_gemv = (any(t <= GEMV_MAX_TOKENS for t in token_counts) and layout_supported(out_f, in_f)
+                  and w.element_size() == 2 and gemv_available(device))
+    if offer_gemv and not torch.equal(wc.reshape(-1).view(torch.uint8), cusparselt_layout(w).view(torch.uint8)):
+        offer_gemv = False
+        if log:
+            log(f"kernel table: W {out_f}x{in_f}: cuSPARSELt's buffer is not the layout the Triton kernel reads; "
+                "not offering it")
+    choices = {}
+    for tokens in token_counts:
+        x = torch.randn(tokens, in_f, device=device, dtype=dtype, generator=gen)
+        dense_ms = _graph_ms(lambda wk: F.linear(x, wk), args=wds)  # noqa: B023 - called at once
+        xp = pad_rows(x)
+        alg = int(torch._cslt_sparse_mm_search(wc, xp.t(), transpose_result=True))
+        sparse_ms = _graph_ms(lambda c: torch._cslt_sparse_mm(c, xp.t(), transpose_result=True, alg_id=alg),  # noqa: B023
+                              args=wcs)
+        gemv_ms, config = math.nan, 0
+        if offer_gemv and tokens <= GEMV_MAX_TOKENS:
             times = time_gemv_configs(wcs, x, out_f, in_f)
             config = min(range(len(times)), key=times.__getitem__)
             gemv_ms = times[config] if times[config] < math.inf else math.nan
-        elif log:
-            log(f"kernel table: W {out_f}x{in_f}: cuSPARSELt's buffer is not the layout the Triton kernel reads; "
-                "not offering it")
-    kernel = _fastest({"dense": dense_ms, "sparse": sparse_ms, "gemv": gemv_ms}, margin)
-    return Choice(kernel, alg, dense_ms, sparse_ms, gemv_ms, config)
+        kernel = _fastest({"dense": dense_ms, "sparse": sparse_ms, "gemv": gemv_ms}, margin)
+        choices[tokens] = Choice(kernel, alg, dense_ms, sparse_ms, gemv_ms, config)
+    return choices
 
 
 def measure_table(shapes: Iterable[tuple[int, int]], token_counts: Sequence[int] = DEFAULT_TOKEN_COUNTS,
@@ -456,15 +463,18 @@ def measure_table(shapes: Iterable[tuple[int, int]], token_counts: Sequence[int]
     versions, plus measurements of whatever it lacks (written back to ``cache``)."""
     key = table_key(device) + f" {str(dtype).replace('torch.', '')}"
     table = read_table(cache, key)
-    missing = [(o, i, t) for o, i in dict.fromkeys(shapes) for t in token_counts
-               if KernelTable._k(o, i, t) not in table.entries]
-    for o, i, t in missing:
-        choice = measure_shape(o, i, t, dtype, device, log=log)
-        table.set(o, i, t, choice)
-        if log:
-            log(f"kernel table: W {o}x{i}, {t} tokens: dense {choice.dense_ms:.4f} ms, sparse "
-                f"{choice.sparse_ms:.4f} ms (alg {choice.alg_id}), Triton gemv {choice.gemv_ms:.4f} ms "
-                f"(config {choice.gemv_config}) -> {choice.kernel}")
+    missing = {}  # shape -> its token counts not in the table
+    for o, i in dict.fromkeys(shapes):
+        counts = [t for t in token_counts if KernelTable._k(o, i, t) not in table.entries]
+        if counts:
+            missing[(o, i)] = counts
+    for (o, i), counts in missing.items():
+        for t, choice in measure_shape(o, i, counts, dtype, device, log=log).items():
+            table.set(o, i, t, choice)
+            if log:
+                log(f"kernel table: W {o}x{i}, {t} tokens: dense {choice.dense_ms:.4f} ms, sparse "
+                    f"{choice.sparse_ms:.4f} ms (alg {choice.alg_id}), Triton gemv {choice.gemv_ms:.4f} ms "
+                    f"(config {choice.gemv_config}) -> {choice.kernel}")
     if missing and cache is not None:
         try:
             write_table(cache, table)
