@@ -431,6 +431,7 @@ def phase_times(run, steps: int) -> list[str]:
 
     targets = trainer_calls(run) + [(run.model, "forward", "forward (each micro-batch)"),
                                     (torch.Tensor, "backward", "backward (each micro-batch, and the regulariser's)")]
+    before = allocator_counts()
     with wrapped_calls(targets, timed):
         platform.synchronize()
         start = time.perf_counter()
@@ -438,13 +439,28 @@ def phase_times(run, steps: int) -> list[str]:
             run.train_step()
         platform.synchronize()
         wall = time.perf_counter() - start
+    after = allocator_counts()
     lines = ["| phase (GPU synchronized around it) | calls / step | ms / step | first call ms |", "|---|---|---|---|"]
     for label, ts in spent.items():
         lines.append(f"| {label} | {len(ts) / steps:g} | {sum(ts) * 1e3 / steps:.1f} | {ts[0] * 1e3:.1f} |")
     rest = wall - sum(sum(ts) for ts in spent.values())
     lines += [f"| rest of the step | | {rest * 1e3 / steps:.1f} | |",
               f"| step, phases synchronized | | {wall * 1e3 / steps:.1f} | |"]
+    if after:
+        # cudaMalloc / cudaFree calls and allocation retries (a retry frees the cache and
+        # synchronizes the device): a step that needs them idles the GPU
+        lines += ["", "| caching allocator, per step | count |", "|---|---|"]
+        lines += [f"| {k} | {(after[k] - before[k]) / steps:g} |" for k in after]
     return lines
+
+
+def allocator_counts() -> dict:
+    """The CUDA caching allocator's counters that cost the GPU time (empty without CUDA)."""
+    if not platform.has_cuda():
+        return {}
+    stats = torch.cuda.memory_stats()
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")
+    return {k: stats.get(k, 0) for k in keys}
 
 
 def main(argv=None) -> int:
