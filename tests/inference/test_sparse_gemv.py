@@ -13,11 +13,9 @@ import sys
 if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton and the kernel are defined: they run on the CPU
 
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from interpreted import run_under_interpreter  # noqa: E402
 
 from megatron_ext.inference import SparseLinear, sparse_gemv  # noqa: E402
 from megatron_ext.inference import sparse as sparse_mod  # noqa: E402
@@ -33,14 +31,8 @@ needs_interpreter = pytest.mark.skipif(
 @pytest.mark.skipif(not sparse_gemv.available() or HERE,
                     reason="triton is not installed" if not sparse_gemv.available() else "the kernel tests run here")
 def test_kernel_tests_in_a_child_process():
-    repo = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore", str(Path(__file__)),
-           "-k", "not child_process"]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout
+    out = run_under_interpreter(__file__, "not child_process")
+    assert "skipped" not in out
 
 
 def _weight(o, i, seed=0):

@@ -16,10 +16,10 @@ if "triton" not in sys.modules:
 
 import math  # noqa: E402
 import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from interpreted import REPO, run_under_interpreter  # noqa: E402
 
 from megatron_ext import platform  # noqa: E402
 from megatron_ext.models import get_config  # noqa: E402
@@ -60,14 +60,8 @@ TAU, KAPPA = 0.7, 3.0
 @pytest.mark.skipif(not fused_mask.available() or KERNELS_HERE,
                     reason="triton is not installed" if not fused_mask.available() else "the kernel tests run here")
 def test_kernel_tests_in_a_child_process():
-    repo = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore", str(Path(__file__)),
-           "-k", "test_kernel_"]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}  # the child's own group
-    env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and " skipped" in done.stdout  # the kernel tests ran, this one skipped there
+    out = run_under_interpreter(__file__, "test_kernel_")
+    assert " skipped" in out  # the kernel tests ran, this one skipped there
 
 
 def _case(n, m, rows=12, groups=23, wdtype=torch.float32, ldtype=torch.float32, seed=0):
@@ -126,7 +120,7 @@ def test_kernels_compile_for_an_h100_without_one():
     """The kernels as the GPU compiles them (not the interpreter's Python): Triton to PTX to an
     sm_90a cubin with the ptxas bundled with triton, on a machine without a GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], cwd=Path(__file__).resolve().parents[2],
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], cwd=REPO,
                           env=env, capture_output=True, text=True)
     if "ASTSource" in done.stderr and "AttributeError" in done.stderr:
         pytest.skip("this triton has no triton.compiler.ASTSource")
