@@ -120,6 +120,13 @@ def meta_nibble_index(rows: torch.Tensor, groups: torch.Tensor, in_f: int) -> to
             + (groups % 4) * 4 + ((groups % 8) // 4) * 2 + (rows % 16) // 8)
 
 
+def _nibble_positions(out_f: int, in_f: int, device) -> torch.Tensor:
+    """``[out, in / 4]``: where each group's metadata nibble sits in cuSPARSELt's buffer."""
+    rows = torch.arange(out_f, device=device)[:, None]
+    groups = torch.arange(in_f // M, device=device)[None, :]
+    return meta_nibble_index(rows, groups, in_f)
+
+
 def cusparselt_layout(weight: torch.Tensor) -> torch.Tensor:
     """The buffer ``torch._cslt_compress(weight)`` returns, in plain torch (1-D, ``weight``'s
     dtype, 16-bit only): what the Triton decode kernel reads, and the CPU tests' stand-in."""
@@ -129,10 +136,8 @@ def cusparselt_layout(weight: torch.Tensor) -> torch.Tensor:
     values, meta = pack_2of4(weight)
     out_f, in_f = weight.shape
     nibble = torch.stack([meta & 0xF, meta >> 4], dim=-1).reshape(out_f, in_f // M)
-    rows = torch.arange(out_f, device=weight.device)[:, None]
-    groups = torch.arange(in_f // M, device=weight.device)[None, :]
     entries = torch.empty(out_f * in_f // M, dtype=torch.uint8, device=weight.device)
-    entries[meta_nibble_index(rows, groups, in_f).reshape(-1)] = nibble.reshape(-1)
+    entries[_nibble_positions(out_f, in_f, weight.device).reshape(-1)] = nibble.reshape(-1)
     meta_bytes = entries[0::2] | (entries[1::2] << 4)
     return torch.cat([values.reshape(-1).view(torch.uint8), meta_bytes]).view(weight.dtype)
 
@@ -143,9 +148,7 @@ def cusparselt_dense(compressed: torch.Tensor, out_f: int, in_f: int) -> torch.T
     half = out_f * in_f // 2
     entries_bytes = flat.view(torch.uint8)[2 * half:]
     entries = torch.stack([entries_bytes & 0xF, entries_bytes >> 4], dim=-1).reshape(-1)
-    rows = torch.arange(out_f, device=flat.device)[:, None]
-    groups = torch.arange(in_f // M, device=flat.device)[None, :]
-    nibble = entries[meta_nibble_index(rows, groups, in_f)]                 # [out, in/4]
+    nibble = entries[_nibble_positions(out_f, in_f, flat.device)]           # [out, in/4]
     meta = nibble[:, 0::2] | (nibble[:, 1::2] << 4)
     return unpack_2of4(flat[:half].reshape(out_f, in_f // 2), meta)
 
