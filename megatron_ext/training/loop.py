@@ -226,6 +226,7 @@ class Run:
         self.start_iteration = self.iteration
         self.history: List[Dict[str, Any]] = []
         self.evals: List[Dict[str, Any]] = []
+        self.evaluated_at: Optional[int] = None   # the iteration of the last evaluation
         self.checkpoints: List[Path] = []
 
     def plugin(self, name: str) -> Optional[TrainerPlugin]:
@@ -441,19 +442,27 @@ class Run:
 
     def _eval_shape(self, seq_length: int, stage: Stage) -> tuple[int, int]:
         """(micro-batch, micro-batch steps) of a fixed-data evaluation at ``seq_length``
-        during ``stage``: micro-batches no larger in tokens than the stage's."""
+        during ``stage``. Every evaluation at one length reads the same samples, whatever the
+        stage (enough for ``_eval_tokens``), in micro-batches no larger in tokens than the
+        stage's: the largest such micro-batch that divides them."""
         dp = self.dinfo.dp_size
-        micro = max(1, stage.micro_batch_size * stage.seq_length // seq_length)
-        steps = -(-self._eval_tokens() // (seq_length * micro * dp))
-        return micro, steps
+        per_rank = -(-self._eval_tokens() // (seq_length * dp))
+        bound = min(per_rank, max(1, stage.micro_batch_size * stage.seq_length // seq_length))
+        micro = next(m for m in range(bound, 0, -1) if per_rank % m == 0)
+        return micro, per_rank // micro
 
-    def _eval_lengths(self, stage: Stage) -> List[int]:
-        """The fixed-data evaluation lengths during ``stage``."""
-        lengths = [stage.seq_length] if self.plan.staged else []
+    def _eval_lengths(self, stage: Stage) -> List[tuple[int, tuple[str, ...]]]:
+        """The fixed-data evaluations during ``stage``: ``(length, label suffixes)``. A staged
+        run's series at the stage's length is the set's plain name; ``--eval-seq-length L``
+        is always ``@L``; one pass serves both where the lengths agree."""
+        passes = [(stage.seq_length, ("",))] if self.plan.staged else []
         e = self.config.logging.eval_seq_length
-        if e is not None and e not in lengths:
-            lengths.append(e)
-        return lengths
+        if e is not None:
+            if passes and passes[0][0] == e:
+                passes[0] = (e, ("", f"@{e}"))
+            else:
+                passes.append((e, (f"@{e}",)))
+        return passes
 
     def _sample_counts(self) -> List[int]:
         """``[train, valid, test]`` samples of the base datasets (``--seq-length`` each)."""
@@ -465,7 +474,7 @@ class Run:
         if lg.eval_iters > 0:
             dp = self.dinfo.dp_size
             for stage in self.plan.active():
-                for length in self._eval_lengths(stage):
+                for length, _ in self._eval_lengths(stage):
                     micro, steps = self._eval_shape(length, stage)
                     counts[1] = max(counts[1], positions_needed(steps * micro * dp, length, base) + 1)
             if self.plan.staged:
@@ -492,8 +501,9 @@ class Run:
         self._stage_index = index
         if not quiet or (self.plan.staged and self.iteration > 0):
             self.log.print(f"> stage {index + 1}/{len(self.plan.stages)} from iteration {self.iteration}: seq length "
-                           f"{stage.seq_length}, global batch {stage.global_batch_size} ({stage.num_microbatches(d.dp_size)}"
-                           f" micro-batch(es) of {stage.micro_batch_size}), LR scale {stage.lr_scale:g}, "
+                           f"{stage.seq_length}, global batch {stage.global_batch_size} "
+                           f"({stage.num_microbatches(d.dp_size)} micro-batch(es) of {stage.micro_batch_size}), "
+                           f"LR scale {stage.lr_scale:g}, "
                            f"{self.plan.tokens_at(self.iteration):,} tokens seen")
 
     # ------------------------------------------------------------------ one iteration
@@ -560,61 +570,70 @@ class Run:
         return record
 
     # ------------------------------------------------------------------ evaluation, checkpoints
-    def _eval_passes(self, datasets: Dict[str, Any]) -> List[tuple]:
-        """``(name, stream, steps, seq_length)`` of each evaluation now: per set, the stage's
-        length (advancing for one-stage runs, fixed for staged ones) and ``--eval-seq-length``."""
+    def _eval_passes(self, datasets: Dict[str, Any], fixed: bool = True) -> List[tuple]:
+        """``(labels, stream, steps, seq_length)`` of each evaluation now: per set, the stage's
+        length (advancing for one-stage runs, fixed for staged ones) and ``--eval-seq-length``;
+        ``fixed=False`` leaves the fixed-data passes out."""
         stage, d = self.plan.stage_at(max(0, self.iteration - 1)), self.dinfo
         passes = []
         for name, ds in datasets.items():
             if name in self.eval_streams:
                 steps = self.config.logging.eval_iters * stage.num_microbatches(d.dp_size)
-                passes.append((name, self.eval_streams[name], steps, stage.seq_length))
-            for length in self._eval_lengths(stage):
+                passes.append(((name,), self.eval_streams[name], steps, stage.seq_length))
+            for length, suffixes in self._eval_lengths(stage) if fixed else ():
                 micro, steps = self._eval_shape(length, stage)
-                label = name if (self.plan.staged and length == stage.seq_length) else f"{name}@{length}"
-                stream = BatchStream(self._view(ds, length), f"{label} evaluation", 0, micro, d.dp_size, d.dp_rank)
-                passes.append((label, stream, steps, length))
+                labels = tuple(name + x for x in suffixes)
+                stream = BatchStream(self._view(ds, length), f"{labels[-1]} evaluation", 0, micro, d.dp_size,
+                                     d.dp_rank)
+                passes.append((labels, stream, steps, length))
         return passes
 
-    def _evaluate_sets(self, datasets: Dict[str, Any], when: str, train_loss: Optional[float]) -> List[Dict[str, Any]]:
-        return [self._evaluate_pass(name, stream, steps, length, when, train_loss)
-                for name, stream, steps, length in self._eval_passes(datasets)]
+    def _evaluate_sets(self, datasets: Dict[str, Any], when: str, train_loss: Optional[float],
+                       fixed: bool = True) -> List[Dict[str, Any]]:
+        return [record for labels, stream, steps, length in self._eval_passes(datasets, fixed)
+                for record in self._evaluate_pass(labels, stream, steps, length, when, train_loss)]
 
-    def _evaluate_pass(self, name: str, stream: BatchStream, steps: int, length: int, when: str,
-                       train_loss: Optional[float]) -> Dict[str, Any]:
-        """``steps`` micro-batches of ``stream`` evaluated, kept in ``evals``, logged and printed."""
+    def _evaluate_pass(self, labels: tuple[str, ...], stream: BatchStream, steps: int, length: int, when: str,
+                       train_loss: Optional[float]) -> List[Dict[str, Any]]:
+        """``steps`` micro-batches of ``stream`` evaluated once, kept in ``evals`` and logged
+        under each of ``labels`` (one pass can serve two series), printed once."""
         result = evaluate(self.model, stream, steps, 1, self.cfg.vocab_size, self.dp_group)
-        record = {"iteration": self.iteration, "set": name, "when": when, "seq_length": length, **result}
-        if train_loss is not None:
-            record["gap"] = result["loss"] - train_loss
-        self.evals.append(record)
-        self.log.metrics(f"eval/{name}", self.iteration,
-                         {k: record[k] for k in ("loss", "ppl", "accuracy", "tokens", "seq_length", "gap")
-                          if k in record}, self.consumed_train)
+        records = []
+        for name in labels:
+            record = {"iteration": self.iteration, "set": name, "when": when, "seq_length": length, **result}
+            if train_loss is not None:
+                record["gap"] = result["loss"] - train_loss
+            self.evals.append(record)
+            self.log.metrics(f"eval/{name}", self.iteration,
+                             {k: record[k] for k in ("loss", "ppl", "accuracy", "tokens", "seq_length", "gap")
+                              if k in record}, self.consumed_train)
+            records.append(record)
+        name, record = " = ".join(labels), records[0]
         self.log.print(f" {name} loss at {when}: {result['loss']:.6E} | {name} PPL: {result['ppl']:.6E} | "
                        f"{name} accuracy: {result['accuracy']:.4f} | tokens: {result['tokens']}"
                        + (f" | gap to training loss: {record['gap']:+.4f}" if "gap" in record else "") + " |")
-        return record
+        return records
 
-    def run_evaluation(self, label: str) -> Optional[float]:
-        """Evaluate every set; returns the loss early stopping and ``--save-best`` follow."""
+    def run_evaluation(self, label: str, fixed: bool = True) -> Optional[float]:
+        """Evaluate every set (``fixed=False``: the advancing passes only); returns the loss
+        early stopping and ``--save-best`` follow, or None where its series was not evaluated."""
         total, count = self.train_loss_since_eval
         if count:
             self.last_train_loss = total / count
         self.train_loss_since_eval = [0.0, 0]
-        results = self._evaluate_sets(self._eval_datasets(), label, self.last_train_loss)
+        results = self._evaluate_sets(self._eval_datasets(), label, self.last_train_loss, fixed)
+        self.evaluated_at = self.iteration
         return self._monitored(results)
 
     def _monitored(self, results: List[Dict[str, Any]]) -> Optional[float]:
         """The validation loss (the first set when there is no validation split), at
-        ``--eval-seq-length`` when given."""
+        ``--eval-seq-length`` when given; None when that series is not in ``results``."""
         if not results:
             return None
         first = results[0]["set"].split("@")[0]
         e = self.config.logging.eval_seq_length
-        wanted = f"{first}@{e}" if e is not None else None
-        chosen = next((r for r in results if r["set"] == wanted), None) or results[0]
-        return chosen["loss"]
+        wanted = f"{first}@{e}" if e is not None else first
+        return next((r["loss"] for r in results if r["set"] == wanted), None)
 
     def run_test(self) -> None:
         if self.datasets.test is None:
@@ -624,7 +643,7 @@ class Run:
             return
         stage, d = self.plan.stages[0], self.dinfo
         stream = BatchStream(self.datasets.test, "test", 0, stage.micro_batch_size, d.dp_size, d.dp_rank)
-        self._evaluate_pass("test", stream, self.config.logging.eval_iters * stage.num_microbatches(d.dp_size),
+        self._evaluate_pass(("test",), stream, self.config.logging.eval_iters * stage.num_microbatches(d.dp_size),
                             stage.seq_length, "the end of training", None)
 
     def _update_best(self, loss: Optional[float]) -> bool:
@@ -764,9 +783,12 @@ class Run:
                     self.save()
                 if lg.eval_iters > 0:
                     # a one-stage run reads the next validation batches (Megatron's order), so the
-                    # same model gives another value than at the last interval: the label says so
-                    when = "the end of training" + ("" if self.plan.staged else " (the next validation batches)")
-                    self._update_best(self.run_evaluation(when))
+                    # same model gives another value than at the last interval: the label says so.
+                    # Fixed-data passes that just ran at this iteration would repeat themselves
+                    fixed = self.evaluated_at != self.iteration
+                    if fixed or not self.plan.staged:
+                        when = "the end of training" + ("" if self.plan.staged else " (the next validation batches)")
+                        self._update_best(self.run_evaluation(when, fixed))
                     self.run_test()
         finally:
             stop.restore()

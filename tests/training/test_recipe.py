@@ -58,10 +58,10 @@ def test_curriculum_runs_its_stages_and_resumes_mid_stage_bit_exact(make_argv, t
         assert [r["tau"] for r in h] == pytest.approx([4.0 - 3.95 * t / 6 for t in range(6)])
     assert [r["tokens"] for r in h] == [256, 512, 768, 1024, 1312, 1600]
     assert whole.consumed_train_samples == 2 * 8 + 2 * 4 + 2 * 6
-    # validation at the stage's length, on the same tokens each time
+    # validation at the stage's length, on the same tokens each time; the end of training does
+    # not evaluate again what iteration 6 just evaluated
     assert [(e["set"], e["iteration"], e["seq_length"]) for e in whole.evals] == [
-        ("valid", 2, 32), ("valid", 4, 64), ("valid", 6, 48), ("valid", 6, 48)]
-    assert whole.evals[2]["loss"] == whole.evals[3]["loss"]          # same tokens at iteration 6, twice
+        ("valid", 2, 32), ("valid", 4, 64), ("valid", 6, 48)]
     assert all(e["tokens"] >= 6 * 48 - 48 for e in whole.evals)       # one global batch of the last stage
 
     # stopped mid-stage 2 (iteration 3) and resumed: the same curve, every field
@@ -84,6 +84,19 @@ def test_curriculum_runs_its_stages_and_resumes_mid_stage_bit_exact(make_argv, t
                      global_batch_size=None, load=str(tmp_path / "split"), **{**flags, "save_interval": None})
     with pytest.raises(ArgsError, match="stages trained up to iteration 6 differ"):
         pretrain(argv)
+
+
+def test_the_eval_seq_length_series_has_every_evaluation_on_the_same_tokens(make_argv, tmp_path):
+    """``--eval-seq-length 64`` gives ``valid@64`` at every evaluation, in the stage at that
+    length too (one pass serving both series there), always on the same tokens."""
+    result = pretrain(_staged(make_argv, tmp_path, train_iters=6, micro_batch_size=2, eval_interval=2,
+                              eval_iters=1, eval_seq_length=64, lr_decay_style="constant", lr_warmup_iters=0))
+    fixed = [e for e in result.evals if e["set"] == "valid@64"]
+    assert [e["iteration"] for e in fixed] == [2, 4, 6]
+    assert len({e["tokens"] for e in fixed}) == 1 and fixed[0]["tokens"] >= 6 * 48 - 48
+    at4 = {e["set"]: e for e in result.evals if e["iteration"] == 4}
+    assert set(at4) == {"valid", "valid@64"} and at4["valid"]["loss"] == at4["valid@64"]["loss"]
+    assert [e["iteration"] for e in result.evals if e["set"] == "valid"] == [2, 4, 6]
 
 
 def test_a_new_stage_continues_through_the_data(make_argv, tmp_path):
