@@ -309,9 +309,11 @@ class Run:
         """``--micro-batch-size auto``: the checkpoint's choice when resuming the same plan,
         else the largest micro-batch per stage that fits (probed, agreed by all ranks)."""
         o, log = self.config.optim, self.log
-        sizes = self.plan.saved_micro_batches(saved_plan)
-        if sizes is not None:
-            log.print(f"> --micro-batch-size auto: the checkpoint's choice {sizes}")
+        saved = self.plan.saved_micro_batches(saved_plan)
+        reached = [i for i, s in enumerate(self.plan.stages) if s.start < self.plan.train_iters]
+        sizes = saved
+        if saved is not None and all(saved[i] is not None for i in reached):
+            log.print(f"> --micro-batch-size auto: the checkpoint's choice {saved}")
         else:
             capacity = platform.memory_capacity_bytes()
             if platform.has_cuda() or o.memory_budget_gib is None:
@@ -325,12 +327,13 @@ class Run:
             if self._probe_step(shortest, 1) is None:
                 raise MicroBatchError(f"--micro-batch-size auto: a micro-batch of 1 at sequence length {shortest} "
                                       "ran out of memory (use more tensor parallelism)")
-            sizes, search = choose_micro_batches(self.plan, self._probe_step, budget)
+            sizes, search = choose_micro_batches(self.plan, self._probe_step, budget, saved)
             self.micro_batch_probes = dict(search.probes)   # (seq length, micro-batch) -> peak bytes
             probes = ", ".join(f"{m} x {s}: " + ("out of memory" if b is None else f"{b / GiB:.2f} GiB")
                                for (s, m), b in sorted(search.probes.items()))
+            kept = "" if saved is None else f"; kept the checkpoint's choice where it made one {saved}"
             log.print(f"> --micro-batch-size auto: budget {budget / GiB:.2f} GiB; probed (micro-batch x seq) "
-                      f"{probes}; chose {sizes} ({time.perf_counter() - t0:.1f} s)")
+                      f"{probes}; chose {sizes}{kept} ({time.perf_counter() - t0:.1f} s)")
             # a fresh optimizer: the probes' AdamW state must not reach training
             self.optimizer.close()
             self._build_optimizer()

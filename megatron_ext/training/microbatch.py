@@ -11,7 +11,7 @@ probe exceeds the budget. Probes are shared between stages of the same length.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megatron_ext.errors import RunError
 from megatron_ext.training.plan import TrainingPlan
@@ -68,16 +68,21 @@ class MicroBatchSearch:
         return m2
 
 
-def choose_micro_batches(plan: TrainingPlan, probe: Callable[[int, int], Optional[int]], budget: int
-                         ) -> Tuple[List[int], MicroBatchSearch]:
-    """Each stage's micro-batch (stages not reached get their first stage-of-same-shape's choice)."""
+def choose_micro_batches(plan: TrainingPlan, probe: Callable[[int, int], Optional[int]], budget: int,
+                         known: Optional[Sequence[Optional[int]]] = None
+                         ) -> Tuple[List[Optional[int]], MicroBatchSearch]:
+    """Each stage's micro-batch: ``known[i]`` where it is an int (a resumed run's choice),
+    else probed for the stages the run reaches; None for a stage not reached (chosen when
+    a longer run reaches it)."""
     search = MicroBatchSearch(probe, budget)
-    sizes = []
-    for s in plan.stages:
-        if s.start >= plan.train_iters:
-            sizes.append(1)
-            continue
-        sizes.append(search.choose(s.seq_length, s.global_batch_size // plan.dp_size))
+    sizes: List[Optional[int]] = []
+    for i, s in enumerate(plan.stages):
+        if known is not None and isinstance(known[i], int):
+            sizes.append(known[i])
+        elif s.start >= plan.train_iters:
+            sizes.append(None)
+        else:
+            sizes.append(search.choose(s.seq_length, s.global_batch_size // plan.dp_size))
     return sizes, search
 
 

@@ -107,9 +107,10 @@ class TrainingPlan:
         return self._accumulate(iteration, lambda s: s.tokens_per_iteration)
 
     # ------------------------------------------------------------------ changes
-    def with_micro_batches(self, sizes: Sequence[int]) -> "TrainingPlan":
-        """The plan with each stage's micro-batch set (checked against its global batch)."""
-        stages = tuple(replace(s, micro_batch_size=int(m)) for s, m in zip(self.stages, sizes))
+    def with_micro_batches(self, sizes: Sequence[Optional[int]]) -> "TrainingPlan":
+        """The plan with each stage's micro-batch set (checked against its global batch);
+        None leaves a stage's open (a stage the run does not reach)."""
+        stages = tuple(replace(s, micro_batch_size=None if m is None else int(m)) for s, m in zip(self.stages, sizes))
         plan = replace(self, stages=stages)
         plan.check_divisible("--micro-batch-size")
         return plan
@@ -150,19 +151,20 @@ class TrainingPlan:
             raise ArgsError(f"{where}: the stages trained up to iteration {iteration} differ from this run's plan "
                             f"(from stage {first + 1}); resume with the same {saved.get('source', 'plan')}")
 
-    def saved_micro_batches(self, saved: Optional[Mapping[str, Any]]) -> Optional[List[int]]:
-        """The checkpoint's micro-batches when its stages are this plan's (a resumed ``auto``)."""
+    def saved_micro_batches(self, saved: Optional[Mapping[str, Any]]) -> Optional[List[Optional[int]]]:
+        """The checkpoint's micro-batch per stage when its stages are this plan's (a resumed
+        ``auto``): an int where it chose one, None for a stage it did not reach."""
         if not saved:
             return None
         stages = saved.get("stages", [])
         if len(stages) != len(self.stages):
             return None
-        sizes = []
+        sizes: List[Optional[int]] = []
         for s, mine in zip(stages, self.stages):
-            if (s.get("seq_length"), s.get("global_batch_size")) != (mine.seq_length, mine.global_batch_size) \
-                    or not isinstance(s.get("micro_batch_size"), int):
+            if (s.get("seq_length"), s.get("global_batch_size")) != (mine.seq_length, mine.global_batch_size):
                 return None
-            sizes.append(s["micro_batch_size"])
+            m = s.get("micro_batch_size")
+            sizes.append(m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else None)
         return sizes
 
     def describe(self) -> List[str]:
@@ -171,10 +173,11 @@ class TrainingPlan:
         for i, s in enumerate(self.stages):
             end = self.end_of(i)
             mb = "auto" if s.micro_batch_size is None else str(s.micro_batch_size)
-            lines.append(f"  stage {i + 1}: iterations {s.start}-{end} | seq length {s.seq_length} | global batch "
-                         f"{s.global_batch_size} | micro-batch {mb} | LR scale {s.lr_scale:g} | tokens "
-                         f"{self.tokens_at(end) - self.tokens_at(s.start):,}"
-                         + (" (not reached)" if s.start >= self.train_iters else ""))
+            reached = s.start < self.train_iters
+            span = f"iterations {s.start}-{end}" if reached else f"from iteration {s.start}"
+            tokens = f"tokens {self.tokens_at(end) - self.tokens_at(s.start):,}" if reached else "not reached"
+            lines.append(f"  stage {i + 1}: {span} | seq length {s.seq_length} | global batch "
+                         f"{s.global_batch_size} | micro-batch {mb} | LR scale {s.lr_scale:g} | {tokens}")
         return lines
 
 

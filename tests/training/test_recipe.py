@@ -320,6 +320,21 @@ def test_auto_micro_batch_is_chosen_per_stage_and_kept_on_resume(make_argv, tmp_
     assert [s.micro_batch_size for s in second.plan.stages] == [8, 4, 6] and second.iteration == 6
 
 
+def test_auto_micro_batch_probes_a_stage_first_reached_on_resume(make_argv, tmp_path):
+    """A run that stops before stage 3 leaves its micro-batch open; resumed with more
+    iterations, stage 3 is probed and the stages already chosen keep their choice."""
+    save = tmp_path / "ckpt"
+    flags = dict(micro_batch_size="auto", memory_budget_gib=64, eval_iters=0, save=str(save), save_interval=3,
+                 lr_decay_iters=6)
+    first = pretrain(_staged(make_argv, tmp_path, train_iters=3, **flags))
+    assert [s.micro_batch_size for s in first.plan.stages] == [8, 4, None]
+    saved = find_checkpoint(save).extra["training"]["plan"]["stages"]
+    assert [s["micro_batch_size"] for s in saved] == [8, 4, None]
+    second = pretrain(_staged(make_argv, tmp_path, train_iters=6, load=str(save), **flags))
+    assert [s.micro_batch_size for s in second.plan.stages] == [8, 4, 6] and second.iteration == 6
+    assert [r["global_batch_size"] for r in second.history] == [4, 6, 6]
+
+
 # --------------------------------------------------------------------------- LR scaling
 
 
