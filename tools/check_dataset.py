@@ -9,8 +9,10 @@ non-decreasing, ending at the sequence count). When the dataset has a manifest
 (PREFIX.manifest.json, written by our builder) its counts, sizes and .idx checksum are
 compared too, which catches an .idx and .bin from different runs; --deep re-reads the
 .bin and compares its checksum and token range (a .bin changed in place). --vocab-size
-(or a tokenizer) reports token ids outside the vocabulary. Stale temporaries of an
-interrupted run of the same prefix are removed.
+(or a tokenizer) reports token ids outside the vocabulary: the largest id is the manifest's
+(the builder's count), so a .bin changed in place after it was written needs --deep for
+its ids to be read again. Stale temporaries of an interrupted run of the same prefix are
+removed.
 
 Prints one markdown row per good dataset, notes on what could not be checked, and one
 line naming the file and the first inconsistency per bad one. Exit status: 0 all good,
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prefixes", nargs="+", metavar="PREFIX", help="dataset path prefix (PREFIX.bin / PREFIX.idx)")
     parser.add_argument("--vocab-size", type=int, default=None,
-                        help="report token ids outside [0, N) (the model's vocabulary)")
+                        help="report token ids outside [0, N) (the model's vocabulary); the largest id is "
+                             "the manifest's: with --deep the .bin is read again")
     parser.add_argument("--tokenizer-type", default=None, help="take the vocabulary size from this tokenizer ...")
     parser.add_argument("--tokenizer-model", default=None, help="... and its model file or directory")
     parser.add_argument("--legacy-tokenizer", action="store_true", help="as in tools/preprocess_data.py")
