@@ -16,9 +16,9 @@ AdamW, schedules), ``--tp``-way tensor parallel, ``--num-layers`` layers (defaul
   qkv [3072, 4096], proj [4096, 1024], fc1 [5504, 4096], fc2 [4096, 2752]). Its peak memory is
   what one GPU of a TP4 run holds, plus the whole rather than a quarter of the vocabulary
   embedding and output layer (slightly more) and without communication buffers. The trainer
-  cannot build it from flags (its head dim is not hidden / heads): the dense proxy goes
-  through ``Run(model_factory=...)``, the mask-only one through a MaskLLM plug-in whose
-  ``build_model`` builds the proxy, so the run is the trainer's own (``Run.train_step``).
+  cannot build it from flags (its head dim is not hidden / heads): both go through
+  ``Run(model_factory=...)``, the MaskLLM plug-in handing the factory its masked linears, so
+  the run is the trainer's own (``Run.train_step``).
 
 ``--mbs 1,4`` runs every case at each micro-batch size (dense and mask-only side by side, with
 their ratio); ``--profile`` adds a torch.profiler breakdown of a step (kernel categories,
@@ -84,36 +84,17 @@ def proxy_shapes(cfg, proxy_tp: int):
 
 
 def proxy_model_factory(proxy_tp: int):
-    """The dense proxy through ``Run(model_factory=...)``."""
-    def build(cfg, dtype, init_method_std):
+    """The proxy through ``Run(model_factory=...)``: called as ``build_model`` is, with the
+    MaskLLM plug-in's masked linears in ``linear_overrides`` for the mask-only case."""
+    def build(cfg, dtype, **kwargs):
         shard, overrides = proxy_shapes(cfg, proxy_tp)
-        return build_model(shard, dtype, init_method_std=init_method_std, config_overrides=overrides)
+        return build_model(shard, dtype, config_overrides=overrides, **kwargs)
     return build
 
 
-def proxy_mask_llm(proxy_tp: int) -> type:
-    """MaskLLM whose model is the proxy (the plug-in keeps its hooks: schedules, regulariser,
-    the once-per-step mask backward)."""
-    class ProxyMaskLLM(MaskLLM):
-        def build_model(self, cfg, dtype, init_method_std):
-            from megatron_ext.sparsity import SparsityState, build_sparse_model
-
-            c = self.config
-            shard, overrides = proxy_shapes(cfg, proxy_tp)
-            self.state = SparsityState(N=c.N, M=c.M, seed=c.seed, tau_range=c.tau_range, kappa_range=c.kappa_range,
-                                       hard=c.hard)
-            return build_sparse_model(shard, c.N, c.M, dtype, mask_only=c.mask_only, state=self.state,
-                                      init_method_std=init_method_std, config_overrides=overrides)
-    return ProxyMaskLLM
-
-
 def build_run(args, case: str, proxy_tp: int) -> Run:
-    """The trainer's ``Run`` for a case: the public API, a model factory / plug-in for the proxy."""
-    if not case.startswith("proxy-"):
-        return Run(args, PLUGINS)
-    if case.endswith("mask-only"):
-        return Run(args, (proxy_mask_llm(proxy_tp),))
-    return Run(args, PLUGINS, model_factory=proxy_model_factory(proxy_tp))
+    """The trainer's ``Run`` for a case: the public API, a model factory for the proxy."""
+    return Run(args, PLUGINS, model_factory=proxy_model_factory(proxy_tp) if case.startswith("proxy-") else None)
 
 
 # --------------------------------------------------------------------------- FLOPs

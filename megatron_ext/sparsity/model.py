@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -84,7 +84,8 @@ def sparsity_state(model: torch.nn.Module) -> SparsityState:
 
 def build_sparse_model(cfg: LlamaConfig, N: int = 2, M: int = 4, params_dtype: torch.dtype = torch.float32,
                        mask_only: bool = True, *, state: Optional[SparsityState] = None, seed: int = 1234,
-                       hard: bool = False, **build_kwargs: Any):
+                       hard: bool = False, build: Callable[..., torch.nn.Module] = build_model,
+                       **build_kwargs: Any):
     """Our LLaMA ``GPTModel`` with masked ``linear_qkv/linear_proj/linear_fc1/linear_fc2``.
 
     Embeddings and the output layer stay dense. The mask logits are fp32 whatever
@@ -92,8 +93,9 @@ def build_sparse_model(cfg: LlamaConfig, N: int = 2, M: int = 4, params_dtype: t
     name, global group), so every tensor-parallel size starts from the same logits.
     ``state`` defaults to ``SparsityState(N, M, seed=seed, hard=hard)``; it is shared
     by the layers and reachable as ``model.sparsity_state``. ``mask_only`` freezes
-    everything but the logits (``freeze_for_mask_only``). Other keyword arguments go
-    to ``megatron_ext.models.build.build_model``.
+    everything but the logits (``freeze_for_mask_only``). ``build`` makes the model from
+    the masked linears' ``linear_overrides`` (``megatron_ext.models.build.build_model``, or a
+    trainer's model factory called the same way); other keyword arguments go to it.
     """
     if state is None:
         state = SparsityState(N=N, M=M, seed=seed, hard=hard)
@@ -103,7 +105,7 @@ def build_sparse_model(cfg: LlamaConfig, N: int = 2, M: int = 4, params_dtype: t
         raise ValueError("build_sparse_model sets the linear layers itself (no linear_overrides / layer_spec)")
     overrides = {slot: ModuleSpec(module=cls, params={"sparsity": state, "name": slot})
                  for slot, cls in MASKED_SLOTS.items()}
-    model = build_model(cfg, params_dtype, linear_overrides=overrides, **build_kwargs)
+    model = build(cfg, params_dtype, linear_overrides=overrides, **build_kwargs)
     assign_layer_names(model)
     for _, layer in masked_linears(model):
         if layer.sparsity is not state:

@@ -3,8 +3,9 @@
 ``--mask-only`` (masks only, weights frozen) or ``--N/--M`` (weights and masks) turn it
 on. What it does at each hook (``megatron_ext.training.plugins``):
 
-* ``build_model``: our LLaMA with masked ``linear_qkv/proj/fc1/fc2`` (layer-spec
-  overrides) sharing one ``SparsityState``; mask-only freezes everything else;
+* ``build_model``: the run's model (its model factory's) with masked
+  ``linear_qkv/proj/fc1/fc2`` (layer-spec overrides) sharing one ``SparsityState``;
+  mask-only freezes everything else;
 * ``after_load``: on a fresh run, ``--prior-mask`` logits (``--prior-strength``);
 * ``param_groups``: the mask logits at ``lr x --lr-mult``, no weight decay;
 * ``begin_step``: the Gumbel temperature and scale schedules move to the step, and the
@@ -27,7 +28,7 @@ import torch
 from megatron_ext.checkpoint import CheckpointError
 from megatron_ext.models.config import LlamaConfig
 from megatron_ext.training.arguments import ArgsError
-from megatron_ext.training.plugins import LogField, TrainerPlugin
+from megatron_ext.training.plugins import LogField, ModelFactory, TrainerPlugin
 
 # Flags that mean nothing without sparsity (named in the error when given alone).
 SPARSITY_ONLY = (("hard", "--hard"), ("gumbel_temperature_range", "--gumbel-temperature-range"),
@@ -72,7 +73,8 @@ class MaskLLM(TrainerPlugin):
         g.add_argument("--M", "--sparsity-m", dest="M", type=int, help="group size (default 4)")
         g.add_argument("--hard", action="store_true", help="straight-through one-hot mask samples")
         g.add_argument("--gumbel-temperature-range", nargs=2, type=_number("--gumbel-temperature-range"),
-                       metavar=("START", "END"), help=f"linear over the run (default {DEFAULT_TAU[0]} {DEFAULT_TAU[1]})")
+                       metavar=("START", "END"),
+                       help=f"linear over the run (default {DEFAULT_TAU[0]} {DEFAULT_TAU[1]})")
         g.add_argument("--gumbel-scale-range", nargs=2, type=_number("--gumbel-scale-range"),
                        metavar=("START", "END"), help=f"logit scale kappa (default {DEFAULT_KAPPA[0]:g} "
                                                       f"{DEFAULT_KAPPA[1]:g})")
@@ -147,14 +149,16 @@ class MaskLLM(TrainerPlugin):
     # ------------------------------------------------------------------ the model
     def check_model(self, cfg: LlamaConfig, tp: int) -> None:
         M = self._config.M
-        checks = (("hidden size", cfg.hidden_size), ("attention width / TP", cfg.num_attention_heads * cfg.head_dim // tp),
+        checks = (("hidden size", cfg.hidden_size),
+                  ("attention width / TP", cfg.num_attention_heads * cfg.head_dim // tp),
                   ("ffn hidden size / TP", cfg.ffn_hidden_size // tp))
         for what, size in checks:
             if size % M:
                 raise ArgsError(f"--M {M}: the model's {what} = {size} is not a multiple of M "
                                 f"(masked linears group M inputs; TP={tp})")
 
-    def build_model(self, cfg: LlamaConfig, params_dtype: torch.dtype, init_method_std: float) -> torch.nn.Module:
+    def build_model(self, cfg: LlamaConfig, params_dtype: torch.dtype, init_method_std: float,
+                    build: ModelFactory) -> torch.nn.Module:
         from megatron_ext.sparsity.model import build_sparse_model
         from megatron_ext.sparsity.state import SparsityState
 
@@ -162,7 +166,7 @@ class MaskLLM(TrainerPlugin):
         self.state = SparsityState(N=c.N, M=c.M, seed=c.seed, tau_range=c.tau_range, kappa_range=c.kappa_range,
                                    hard=c.hard)
         return build_sparse_model(cfg, c.N, c.M, params_dtype, mask_only=c.mask_only, state=self.state,
-                                  init_method_std=init_method_std)
+                                  init_method_std=init_method_std, build=build)
 
     def after_load(self, model: torch.nn.Module, iteration: int, log) -> None:
         c = self._config

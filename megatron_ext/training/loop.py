@@ -59,7 +59,6 @@ from megatron_ext.checkpoint import CheckpointError, CheckpointInfo, load_rank_s
 from megatron_ext.checkpoint.train_state import (load_model_weights, reshard_optimizer_state,
                                                  save_training_checkpoint, set_rng_state)
 from megatron_ext.errors import RunError
-from megatron_ext.models.config import LlamaConfig
 from megatron_ext.training.arguments import ArgsError, parse_args
 from megatron_ext.training.config import RunConfig
 from megatron_ext.training.data import (BatchStream, DataError, TokenStreamView, build_datasets, check_data_paths,
@@ -68,15 +67,11 @@ from megatron_ext.training.evaluate import evaluate, masked_loss_sums
 from megatron_ext.training.microbatch import GiB, MicroBatchError, choose_micro_batches
 from megatron_ext.training.plan import Stage, TrainingPlan
 from megatron_ext.training.optimizer import TrainOptimizer, param_groups
-from megatron_ext.training.plugins import TrainerPlugin, build_plugins
+from megatron_ext.training.plugins import ModelFactory, TrainerPlugin, build_plugins
 from megatron_ext.training.reporting import RunLogger
 from megatron_ext.training.schedules import ParamScheduler, lr_schedule
 from megatron_ext.training.setup import (find_load_checkpoint, probe_output_dirs, resolve_model_config,
                                          resolve_tokenizer)
-
-# builds the model of a run: (config, params dtype, init std) -> this rank's GPTModel
-ModelFactory = Callable[[LlamaConfig, torch.dtype, float], torch.nn.Module]
-
 
 class TrainingError(RunError):
     """The run cannot go on (NaN loss or gradient, ...)."""
@@ -123,8 +118,10 @@ class Run:
 
     ``args``: the flags parsed with the same ``plugins`` (``parse_args(argv, plugins)``);
     ``plugins``: plug-in classes (``TrainerPlugin``), active when their flags ask;
-    ``model_factory``: builds the model instead of the plug-ins and the default (a
-    benchmark's proxy model, for instance).
+    ``model_factory``: builds the model instead of ``models.build.build_model`` (a
+    benchmark's proxy model, for instance), called as that function is
+    (``plugins.ModelFactory``); a plug-in that builds the model (MaskLLM's masked linears)
+    hands it its layer-spec overrides, so the two compose.
     """
 
     def __init__(self, args: Namespace, plugins: Sequence[type] = (),
@@ -234,17 +231,17 @@ class Run:
         return next((p for p in self.plugins if p.name == name), None)
 
     def _build_model(self) -> torch.nn.Module:
-        dtype = torch.bfloat16 if self.config.model.bf16 else torch.float32
-        std = self.config.model.init_method_std
-        if self.model_factory is not None:
-            return self.model_factory(self.cfg, dtype, std)
-        for plugin in self.plugins:
-            model = plugin.build_model(self.cfg, dtype, std)
-            if model is not None:
-                return model
+        """The model factory's model, through the plug-in that builds the model if one is
+        active (``build_plugins`` allows at most one)."""
         from megatron_ext.models.build import build_model
 
-        return build_model(self.cfg, dtype, init_method_std=std)
+        dtype = torch.bfloat16 if self.config.model.bf16 else torch.float32
+        std = self.config.model.init_method_std
+        factory = self.model_factory or build_model
+        builder = next((p for p in self.plugins if p.builds_model()), None)
+        if builder is None:
+            return factory(self.cfg, dtype, init_method_std=std)
+        return builder.build_model(self.cfg, dtype, std, factory)
 
     def _load_weights(self, ckpt: CheckpointInfo, resume: bool) -> Optional[Dict[str, Any]]:
         """Weights (and plug-in tensors) of this rank; returns the rank's whole file when read."""

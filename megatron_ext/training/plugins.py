@@ -9,8 +9,9 @@ plug-in overrides only what it needs. Order within a step::
     begin_step -> [forward/backward per micro-batch] -> extra_loss (backward) -> after_backward
     -> gradient reduction, clipping, optimizer step -> step_record
 
-In the spirit of torchtitan's model converters: ``build_model`` replaces how the model
-is built (megatron-core layer-spec overrides), ``param_groups`` claims parameters
+In the spirit of torchtitan's model converters: ``build_model`` changes how the model
+is built (megatron-core layer-spec overrides handed to the run's model factory, so the
+method's layers go into whatever model the run builds), ``param_groups`` claims parameters
 for the optimizer with their own learning-rate multipliers, and ``checkpoint_info``
 / ``load_checkpoint_info`` carry its state through checkpoints. The MaskLLM plug-in
 (``megatron_ext.sparsity.plugin``) is the worked example.
@@ -18,14 +19,20 @@ for the optimizer with their own learning-rate multipliers, and ``checkpoint_inf
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_ext.models.config import LlamaConfig
+from megatron_ext.training.arguments import ArgsError
 
 # (console label, value, format, metric name or None): one field of the iteration line
 LogField = Tuple[str, Any, str, Optional[str]]
+
+# builds the model of a run, called as ``megatron_ext.models.build.build_model`` is:
+# ``factory(cfg, params_dtype, init_method_std=std, linear_overrides=None or {slot: ModuleSpec})``
+# -> this rank's GPTModel. ``Run(model_factory=...)`` replaces the default (``build_model``).
+ModelFactory = Callable[..., torch.nn.Module]
 
 
 class TrainerPlugin:
@@ -60,10 +67,18 @@ class TrainerPlugin:
     def check_model(self, cfg: LlamaConfig, tp: int) -> None:
         """Refuse a model / TP this method cannot handle (raise ``ArgsError``)."""
 
-    def build_model(self, cfg: LlamaConfig, params_dtype: torch.dtype, init_method_std: float
-                    ) -> Optional[torch.nn.Module]:
-        """Build the model differently (layer-spec overrides); None keeps the default."""
-        return None
+    def build_model(self, cfg: LlamaConfig, params_dtype: torch.dtype, init_method_std: float,
+                    build: ModelFactory) -> torch.nn.Module:
+        """The run's model, built by ``build`` (the run's model factory): override to hand it
+        layer-spec overrides (``build(cfg, params_dtype, init_method_std=..., linear_overrides=
+        {...})``) and to adjust what it returns. Overriding this hook is what makes a plug-in
+        one that builds the model; at most one active plug-in may."""
+        return build(cfg, params_dtype, init_method_std=init_method_std)
+
+    @classmethod
+    def builds_model(cls) -> bool:
+        """Whether the plug-in overrides ``build_model``."""
+        return cls.build_model is not TrainerPlugin.build_model
 
     def after_load(self, model: torch.nn.Module, iteration: int, log) -> None:
         """After the checkpoint's weights are in (``iteration`` 0: a fresh run)."""
@@ -107,10 +122,16 @@ class TrainerPlugin:
 
 
 def build_plugins(classes: Sequence[type], args: argparse.Namespace) -> List[TrainerPlugin]:
-    """The active plug-ins for the parsed flags."""
+    """The active plug-ins for the parsed flags; refuses two that both build the model
+    (their layer specs would not compose)."""
     plugins = []
     for cls in classes:
         plugin = cls.from_args(args)
         if plugin is not None:
             plugins.append(plugin)
+    builders = [p for p in plugins if p.builds_model()]
+    if len(builders) > 1:
+        names = " and ".join(f"{p.name} ({p.describe()})" for p in builders)
+        raise ArgsError(f"plug-ins {names} both build the model (TrainerPlugin.build_model); the flags "
+                        "turned both on, and only one may build it")
     return plugins
