@@ -10,6 +10,7 @@ everything goes to a temporary sibling directory renamed into place at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from megatron_ext.checkpoint.files import (commit_output_dir, copy_tokenizer, owned, prepare_output_dir)
 from megatron_ext.checkpoint.layout import CheckpointError, parse_dtype
 from megatron_ext.checkpoint.resharding import merge_tp, split_tp
-from megatron_ext.models.config import ConfigError, LlamaConfig
+from megatron_ext.models.config import LLAMA3_ROPE_SCALING, ConfigError, LlamaConfig
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -38,7 +39,8 @@ def from_hf_config(hf: Mapping[str, Any], name: str | None = None) -> LlamaConfi
     """A Hugging Face LLaMA ``config.json`` (as a dict) -> ``LlamaConfig``.
 
     Rejects what our model cannot represent (biases, another activation, a head
-    dimension other than hidden/heads, rotary scaling) with a message naming the field.
+    dimension other than hidden/heads, a rotary scaling other than megatron-core's
+    "llama3") with a message naming the field.
     """
     model_type = hf.get("model_type")
     if model_type not in (None, "llama"):
@@ -63,12 +65,6 @@ def from_hf_config(hf: Mapping[str, Any], name: str | None = None) -> LlamaConfi
             f"config.json: head_dim {head_dim} differs from hidden_size/num_attention_heads "
             f"({hidden}/{heads}); not supported")
     rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for where, params in (("rope_parameters", rope), ("rope_scaling", scaling)):
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise CheckpointError(f"config.json: {where} rope_type {rope_type!r} is not supported "
-                                  "(only unscaled rotary embeddings)")
     rotary_base = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     return LlamaConfig(
         name=name or str(hf.get("_name_or_path") or "hf-llama"),
@@ -80,18 +76,58 @@ def from_hf_config(hf: Mapping[str, Any], name: str | None = None) -> LlamaConfi
         vocab_size=int(hf["vocab_size"]),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         rotary_base=float(rotary_base),
+        rope_scaling_factor=_rope_scaling_factor(hf),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
+
+
+def _rope_scaling_factor(hf: Mapping[str, Any]) -> float | None:
+    """The "llama3" scaling factor of ``rope_scaling`` (transformers 4.x) and/or
+    ``rope_parameters`` (5.x); None for unscaled rotary embeddings. Anything megatron-core's
+    scaling cannot reproduce is refused, naming the field."""
+    factors = {}
+    for where in ("rope_parameters", "rope_scaling"):
+        params = hf.get(where) or {}
+        if not isinstance(params, Mapping):
+            raise CheckpointError(f"config.json: {where} must be an object, got {params!r}")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type in ("default", None):
+            continue
+        if rope_type != "llama3":
+            raise CheckpointError(f"config.json: {where}.rope_type {rope_type!r} is not supported "
+                                  "(unscaled rotary embeddings or LLaMA-3.1's 'llama3' scaling)")
+        factor = params.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < math.inf:
+            raise CheckpointError(f"config.json: {where}.factor {factor!r} is not supported (a number >= 1)")
+        for key, fixed in LLAMA3_ROPE_SCALING.items():
+            value = params.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != fixed:
+                raise CheckpointError(f"config.json: {where}.{key} {value!r} is not supported: megatron-core's "
+                                      f"'llama3' rotary scaling fixes it at {fixed:g}")
+        factors[where] = float(factor)
+    if len(set(factors.values())) > 1:
+        raise CheckpointError("config.json: rope_parameters.factor {rope_parameters} and rope_scaling.factor "
+                              "{rope_scaling} differ".format(**factors))
+    return next(iter(factors.values()), None)
+
+
+def hf_rope_scaling(cfg: LlamaConfig) -> dict[str, Any] | None:
+    """The ``rope_scaling`` dict of ``cfg``'s ``config.json`` (None when unscaled)."""
+    if cfg.rope_scaling_factor is None:
+        return None
+    return {"rope_type": "llama3", "factor": float(cfg.rope_scaling_factor), **LLAMA3_ROPE_SCALING}
 
 
 def to_hf_config(cfg: LlamaConfig, dtype: torch.dtype | None = None,
                  bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
     """``LlamaConfig`` -> a ``config.json`` dict for ``LlamaForCausalLM``.
 
-    The rotary base is written both as ``rope_theta`` (transformers 4.x) and in
-    ``rope_parameters`` (transformers 5.x) so either reads the same model.
+    The rotary base (and LLaMA-3.1's scaling) is written both as ``rope_theta`` and
+    ``rope_scaling`` (transformers 4.x) and in ``rope_parameters`` (transformers 5.x) so
+    either reads the same model.
     """
+    scaling = hf_rope_scaling(cfg)
     out: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -106,7 +142,8 @@ def to_hf_config(cfg: LlamaConfig, dtype: torch.dtype | None = None,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.norm_epsilon,
         "rope_theta": cfg.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        **({"rope_scaling": scaling} if scaling else {}),
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": cfg.rotary_base},
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -167,7 +204,9 @@ def read_hf_config(hf_dir: str | os.PathLike, name: str | None = None) -> LlamaC
         return from_hf_config(_read_json(path), name=name or Path(hf_dir).resolve().name)
     except CheckpointError as e:
         msg = str(e)
-        raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+        if not msg.startswith(str(path)):  # from_hf_config's "config.json: ..." names the file in full
+            msg = f"{path}: {msg.removeprefix(f'{CONFIG_NAME}: ')}"
+        raise CheckpointError(msg) from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 

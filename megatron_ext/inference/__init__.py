@@ -10,7 +10,8 @@
 * ``load``: ``load_sparse_model(hf_dir)`` for ``tools/export_sparse.py --format hf`` output.
 
 Layers: imports ``megatron_ext.checkpoint`` (reading the directory) and the model config;
-no megatron-core, no transformers, so it runs wherever torch does.
+no transformers, and no megatron-core except its LLaMA-3.1 rotary scaling, imported for a
+model that has one; so it runs wherever torch does.
 """
 from megatron_ext.inference.generate import DecodeGraph, Generation, greedy_generate
 from megatron_ext.inference.load import default_device, kernel_table_for, load_sparse_model, model_from_state_dict

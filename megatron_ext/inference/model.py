@@ -1,12 +1,12 @@
-"""A lean LLaMA for inference in plain torch (no megatron-core, no transformers).
+"""A lean LLaMA for inference in plain torch (no transformers; megatron-core only for LLaMA-3.1's RoPE).
 
 Built from a Hugging Face LLaMA state dict (``q/k/v_proj`` fused into one ``qkv``,
 ``gate/up_proj`` into one ``gate_up``: row concatenation keeps 2:4 groups along the input
 intact and makes fewer, larger GEMMs), every projection a ``SparseLinear`` (2:4 kernels
 where measured faster) or a plain dense weight. RMSNorm through ``F.rms_norm``, rotary
-embeddings in Hugging Face's half-split layout, attention through
-``scaled_dot_product_attention``, a static KV cache so a decode step can be captured in a
-CUDA graph (``DecodeGraph``).
+embeddings in Hugging Face's half-split layout (LLaMA-3.1's scaling by megatron-core's own
+formula), attention through ``scaled_dot_product_attention``, a static KV cache so a decode
+step can be captured in a CUDA graph (``DecodeGraph``).
 """
 from __future__ import annotations
 
@@ -62,10 +62,23 @@ class KVCache:
         return self.k.shape[3]
 
 
-def rotary_tables(cfg: LlamaConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[max_len, head_dim]`` in fp32, Hugging Face's half-split layout."""
+def rotary_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """The ``head_dim / 2`` rotary frequencies in fp64, with LLaMA-3.1's scaling when the
+    config has one: megatron-core's own formula (imported only then), so this model turns
+    queries and keys exactly as the trained ``GPTModel`` did."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+    if cfg.rope_scaling_factor is None:
+        return inv
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    # a function in all but name: it reads nothing of the module, hence no instance
+    return RotaryEmbedding._apply_scaling(None, inv, factor=cfg.rope_scaling_factor)
+
+
+def rotary_tables(cfg: LlamaConfig, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[max_len, head_dim]`` in fp32, Hugging Face's half-split layout."""
+    inv = rotary_inv_freq(cfg, device)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float(), emb.sin().float()

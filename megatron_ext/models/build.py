@@ -101,6 +101,9 @@ def build_model(cfg: LlamaConfig, params_dtype: torch.dtype = torch.float32, *,
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=cfg.rotary_base,
+        # LLaMA-3.1's "llama3" scaling, megatron-core's own (config.LLAMA3_ROPE_SCALING)
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
     )
     model.to(platform.device())
     with torch.no_grad():  # megatron-core's torch norms ignore params_dtype

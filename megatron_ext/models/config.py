@@ -4,13 +4,23 @@
 metadata can be read and written without building a model. ``vocab_size`` is the
 true tokenizer vocabulary; the embedding and output tables are padded following
 Megatron's rule (a multiple of ``make_vocab_size_divisible_by * tp``).
+
+``rope_scaling_factor`` is LLaMA-3.1's scaled rotary embedding (Hugging Face's
+``rope_type "llama3"``) as megatron-core's ``GPTModel(rope_scaling=True)`` applies it:
+the factor is free, the other parameters are fixed at ``LLAMA3_ROPE_SCALING``.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Optional
+
 from megatron_ext.errors import InputError
+
+# The parameters of the "llama3" rotary scaling that megatron-core fixes (the defaults of
+# RotaryEmbedding._apply_scaling, which GPTModel does not let us change); only the factor varies.
+LLAMA3_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 class ConfigError(InputError):
@@ -28,6 +38,9 @@ class LlamaConfig:
     vocab_size: int
     max_position_embeddings: int
     rotary_base: float = 10000.0
+    # LLaMA-3.1's rotary scaling ("llama3"): low frequencies divided by this factor, high ones
+    # kept, a smooth ramp between (LLAMA3_ROPE_SCALING); None = plain RoPE.
+    rope_scaling_factor: Optional[float] = None
     norm_epsilon: float = 1e-5
     tie_word_embeddings: bool = False
     make_vocab_size_divisible_by: int = 128
@@ -50,6 +63,11 @@ class LlamaConfig:
                 f"num_query_groups {self.num_query_groups}")
         if not self.rotary_base > 0:
             raise ConfigError(f"config {self.name!r}: rotary_base must be > 0, got {self.rotary_base!r}")
+        factor = self.rope_scaling_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or not math.isfinite(factor) or factor < 1):
+            raise ConfigError(f"config {self.name!r}: rope_scaling_factor must be a number >= 1 "
+                              f"(or None for unscaled rotary embeddings), got {factor!r}")
         if not self.norm_epsilon > 0:
             raise ConfigError(f"config {self.name!r}: norm_epsilon must be > 0, got {self.norm_epsilon!r}")
 
@@ -119,6 +137,11 @@ _NAMED: dict[str, LlamaConfig] = {
         LlamaConfig(name="llama3-8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
                     num_attention_heads=32, num_query_groups=8, vocab_size=128256,
                     max_position_embeddings=8192, rotary_base=500000.0, norm_epsilon=1e-5),
+        # LLaMA-3-8B's shapes; 128k positions through the "llama3" rotary scaling (factor 8).
+        LlamaConfig(name="llama3.1-8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                    num_attention_heads=32, num_query_groups=8, vocab_size=128256,
+                    max_position_embeddings=131072, rotary_base=500000.0, rope_scaling_factor=8.0,
+                    norm_epsilon=1e-5),
         LlamaConfig(name="smollm2-135m", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
                     num_attention_heads=9, num_query_groups=3, vocab_size=49152,
                     max_position_embeddings=8192, rotary_base=100000.0, norm_epsilon=1e-5,

@@ -203,16 +203,18 @@ def _hf_state_dict(cfg, seed=0):
     return sd
 
 
-def test_model_matches_transformers_in_prefill_and_token_by_token_decode():
+@pytest.mark.parametrize("cfg", [CFG, CFG.replace(rotary_base=500000.0, rope_scaling_factor=8.0)],
+                         ids=["rope", "llama3-scaled-rope"])
+def test_model_matches_transformers_in_prefill_and_token_by_token_decode(cfg):
     transformers = pytest.importorskip("transformers")
     from megatron_ext.checkpoint import to_hf_config
 
-    sd = _hf_state_dict(CFG)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(CFG), attn_implementation="sdpa"))
+    sd = _hf_state_dict(cfg)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(cfg), attn_implementation="sdpa"))
     hf.load_state_dict(sd)
-    model = model_from_state_dict(CFG, sd, dtype=torch.float32, device="cpu")
+    model = model_from_state_dict(cfg, sd, dtype=torch.float32, device="cpu")
     assert model.notes and "running the dense masked weights" in model.notes[0]
-    ids = torch.randint(0, CFG.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
         cache = model.new_cache(1, 16)

@@ -6,6 +6,7 @@ in test_gguf.py, next to the GGUF import that produces the real weights.
 """
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from megatron_ext import checkpoint as ckpt
 from megatron_ext.checkpoint import CheckpointError
 from megatron_ext.models.config import LlamaConfig
 from megatron_ext.checkpoint import from_hf_config, read_hf_checkpoint, save_hf_checkpoint, to_hf_config
+from megatron_ext.checkpoint.hf import read_hf_config
 
 # vocab 1100: Megatron pads to 1152 at TP=1 and 1536 at TP=4, so resharding re-pads.
 # 8 heads / 4 groups / ffn 128: TP 1, 2 and 4 divide everything.
@@ -73,7 +75,7 @@ def test_hf_config_round_trip():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_type 'llama3'"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling.rope_type 'yarn'"),
     ("hidden_act", "gelu", "hidden_act 'gelu'"),
     ("attention_bias", True, "attention_bias"),
     ("model_type", "mistral", "model_type 'mistral'"),
@@ -85,6 +87,69 @@ def test_hf_config_rejects_what_we_cannot_represent(field, value, match):
     d[field] = value
     with pytest.raises(CheckpointError, match=match):
         from_hf_config(d)
+
+
+# LLaMA-3.1-8B's config.json as published (written by transformers 4.43)
+LLAMA31_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+LLAMA31_8B = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+              "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+              "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+              "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+              "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": LLAMA31_SCALING,
+              "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}
+
+
+def test_llama31_config_reads_as_the_named_model_and_writes_its_rope_scaling_back():
+    from megatron_ext.models import get_config
+
+    cfg = from_hf_config(LLAMA31_8B, name="llama3.1-8b")
+    assert cfg == get_config("llama3.1-8b")
+    out = to_hf_config(cfg)
+    assert out["rope_scaling"] == LLAMA31_SCALING and out["rope_theta"] == 500000.0
+    assert out["rope_parameters"] == {**LLAMA31_SCALING, "rope_theta": 500000.0}   # transformers 5.x
+    assert from_hf_config(out, name="llama3.1-8b") == cfg
+    # unscaled models keep writing no rope_scaling
+    assert "rope_scaling" not in to_hf_config(get_config("llama3-8b"))
+
+
+def test_llama3_rope_scaling_round_trips_through_a_transformers_directory(tmp_path):
+    """transformers' save (rope_parameters) -> our reader -> TP=2 -> our HF writer -> transformers."""
+    model = _hf_model(tied=False, rope_scaling=dict(LLAMA31_SCALING), max_position_embeddings=16384)
+    model.save_pretrained(tmp_path / "src")
+    cfg, sd = read_hf_checkpoint(tmp_path / "src")
+    assert cfg.rope_scaling_factor == 8.0 and cfg.rotary_base == 20000.0
+    save_hf_checkpoint(tmp_path / "back", cfg, ckpt.mcore_to_hf(ckpt.hf_to_mcore(sd, cfg, 2), cfg))
+    written = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert written["rope_scaling"] == LLAMA31_SCALING
+    assert read_hf_config(tmp_path / "back", name=cfg.name) == cfg
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    assert back.config.rope_parameters == {**LLAMA31_SCALING, "rope_theta": 20000.0}
+    assert torch.equal(back.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    _assert_same(_weights(back), _weights(model))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("rope_scaling", {**LLAMA31_SCALING, "rope_type": "linear"}, "rope_scaling.rope_type 'linear' is not supported"),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type 'dynamic' is not supported"),
+    ("rope_scaling", {**LLAMA31_SCALING, "low_freq_factor": 2.0},
+     "rope_scaling.low_freq_factor 2.0 is not supported: megatron-core's 'llama3' rotary scaling fixes it at 1"),
+    ("rope_scaling", {**LLAMA31_SCALING, "high_freq_factor": 8.0},
+     "rope_scaling.high_freq_factor 8.0 is not supported"),
+    ("rope_scaling", {**LLAMA31_SCALING, "original_max_position_embeddings": 4096},
+     "rope_scaling.original_max_position_embeddings 4096 is not supported: .* fixes it at 8192"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling.low_freq_factor None is not supported"),
+    ("rope_scaling", {**LLAMA31_SCALING, "factor": 0.5}, r"rope_scaling.factor 0.5 is not supported \(a number >= 1\)"),
+    ("rope_scaling", {k: v for k, v in LLAMA31_SCALING.items() if k != "factor"}, "rope_scaling.factor None"),
+    ("rope_parameters", {**LLAMA31_SCALING, "factor": 32.0, "rope_theta": 500000.0},
+     "rope_parameters.factor 32.0 and rope_scaling.factor 8.0 differ"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "rope_parameters.rope_type 'yarn'"),
+])
+def test_hf_config_refuses_a_rope_scaling_megatron_core_cannot_apply(tmp_path, field, value, match):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA31_8B, field: value}))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: {match}"):
+        read_hf_config(tmp_path)
 
 
 # --------------------------------------------------------------------------- conversion

@@ -11,6 +11,7 @@ def test_named_configs_have_published_parameter_counts():
     assert get_config("llama2-7b").num_parameters() == 6_738_415_616
     assert get_config("llama2-13b").num_parameters() == 13_015_864_320
     assert get_config("llama3-8b").num_parameters() == 8_030_261_248
+    assert get_config("llama3.1-8b").num_parameters() == 8_030_261_248
     assert round(get_config("smollm2-135m").num_parameters() / 1e6, 1) == 134.5
 
 
@@ -20,9 +21,13 @@ def test_named_config_shapes():
     assert (s.vocab_size, s.rotary_base, s.tie_word_embeddings, s.norm_epsilon, s.head_dim) == (49152, 1e5, True, 1e-5, 64)
     l3 = get_config("llama3-8b")
     assert (l3.vocab_size, l3.rotary_base, l3.num_query_groups, l3.head_dim) == (128256, 500000.0, 8, 128)
+    assert l3.rope_scaling_factor is None and l3.max_position_embeddings == 8192
+    l31 = get_config("llama3.1-8b")
+    assert l31.replace(name="llama3-8b", rope_scaling_factor=None, max_position_embeddings=8192) == l3
+    assert (l31.rope_scaling_factor, l31.max_position_embeddings) == (8.0, 131072)
     tiny = get_config("tiny")
-    assert tiny.vocab_size >= 1000 and not tiny.tie_word_embeddings
-    assert set(config_names()) >= {"llama2-7b", "llama2-13b", "llama3-8b", "smollm2-135m", "tiny"}
+    assert tiny.vocab_size >= 1000 and not tiny.tie_word_embeddings and tiny.rope_scaling_factor is None
+    assert set(config_names()) >= {"llama2-7b", "llama2-13b", "llama3-8b", "llama3.1-8b", "smollm2-135m", "tiny"}
 
 
 def test_padded_vocab_follows_megatron_rule():
@@ -39,7 +44,8 @@ def test_padded_vocab_follows_megatron_rule():
         l2.padded_vocab_size(0)
 
 
-@pytest.mark.parametrize("name,tp", [("llama2-7b", 8), ("llama3-8b", 8), ("smollm2-135m", 3), ("tiny", 2)])
+@pytest.mark.parametrize("name,tp", [("llama2-7b", 8), ("llama3-8b", 8), ("llama3.1-8b", 8), ("smollm2-135m", 3),
+                                     ("tiny", 2)])
 def test_validate_tp_accepts_divisors(name, tp):
     get_config(name).validate_tp(tp)
 
@@ -64,6 +70,9 @@ def test_invalid_shapes_are_rejected():
         get_config("tiny", num_layers=0)
     with pytest.raises(ConfigError, match="unknown model config 'llama9'"):
         get_config("llama9")
+    for factor in (0.5, 0, True, float("nan"), float("inf"), "8"):
+        with pytest.raises(ConfigError, match=r"rope_scaling_factor must be a number >= 1 \(or None"):
+            get_config("tiny", rope_scaling_factor=factor)
 
 
 def test_dict_round_trip_through_json():
@@ -73,6 +82,8 @@ def test_dict_round_trip_through_json():
     d = get_config("tiny").to_dict()
     with pytest.raises(ConfigError, match="unknown LlamaConfig field"):
         LlamaConfig.from_dict({**d, "bogus": 1})
+    # a checkpoint written before the field existed: plain RoPE
+    assert LlamaConfig.from_dict({k: v for k, v in d.items() if k != "rope_scaling_factor"}) == get_config("tiny")
     del d["hidden_size"]
     with pytest.raises(ConfigError, match="missing field.*hidden_size"):
         LlamaConfig.from_dict(d)

@@ -120,14 +120,14 @@ def test_sdpa_spec_matches_megatron_local_spec(tp1, groups):
         torch.testing.assert_close(go[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _tiny_hf(cfg):
+def _tiny_hf(cfg, rope_scaling=None):
     transformers = pytest.importorskip("transformers")
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_query_groups, max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rotary_base, rms_norm_eps=cfg.norm_epsilon, tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=False, mlp_bias=False)
+        rope_theta=cfg.rotary_base, rope_scaling=rope_scaling, rms_norm_eps=cfg.norm_epsilon,
+        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, mlp_bias=False)
     torch.manual_seed(99)
     model = transformers.LlamaForCausalLM(hf_cfg).eval()
     with torch.no_grad():  # HF initialises norms to one; make them informative
@@ -152,6 +152,55 @@ def test_logits_match_transformers_llama(tp1, tied):
         ref = hf(tokens).logits
     assert ours.shape == ref.shape
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-4
+
+
+# LLaMA-3.1's config.json: its rotary scaling as transformers reads it
+LLAMA31_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+
+
+def _rope_scaled_tiny():
+    # rotary base 5e5 over head_dim 16: wavelengths 6 ... 6e5 tokens, so the "llama3" scaling keeps
+    # frequencies 0-3 (< 2048), ramps frequency 4 (4443) and divides 5-7 (> 8192) by the factor
+    return get_config("tiny", rotary_base=500000.0, rope_scaling_factor=8.0, norm_epsilon=1e-6,
+                      max_position_embeddings=16384)
+
+
+def test_rope_scaling_gives_megatron_cores_llama3_frequencies(tp1):
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_ext.inference.model import rotary_inv_freq
+
+    cfg = _rope_scaled_tiny()
+    plain = build_model(cfg.replace(rope_scaling_factor=None)).rotary_pos_emb.inv_freq
+    scaled = build_model(cfg).rotary_pos_emb.inv_freq
+    assert torch.equal(scaled, RotaryEmbedding._apply_scaling(None, plain, factor=8.0))
+    assert torch.equal(scaled[:4], plain[:4]) and torch.allclose(scaled[5:], plain[5:] / 8)
+    assert plain[4] / 8 < scaled[4] < plain[4]
+    # the inference model, which turns queries and keys itself, uses the same frequencies
+    torch.testing.assert_close(rotary_inv_freq(cfg).float(), scaled, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rotary_inv_freq(cfg.replace(rope_scaling_factor=None)).float(), plain,
+                               rtol=1e-6, atol=0)
+
+
+def test_rope_scaling_changes_the_logits_as_transformers_llama3_does(tp1):
+    checkpoint = pytest.importorskip("megatron_ext.checkpoint")
+    cfg = _rope_scaled_tiny()
+    hf = _tiny_hf(cfg, rope_scaling=LLAMA31_ROPE_SCALING)
+    with torch.no_grad():  # sharper attention, so that where a token sits matters
+        for name, p in hf.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6)
+    (sd,) = checkpoint.hf_to_mcore(hf.state_dict(), cfg, 1)
+    scaled, plain = build_model(cfg).eval(), build_model(cfg.replace(rope_scaling_factor=None)).eval()
+    for model in (scaled, plain):
+        model.load_state_dict(sd, strict=False)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 128), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, unscaled = forward_logits(scaled, tokens, cfg.vocab_size), forward_logits(plain, tokens, cfg.vocab_size)
+        ref = hf(tokens).logits
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+    assert ((unscaled - ours).norm() / ref.norm()).item() > 1e-3
 
 
 def test_linear_overrides_swap_the_four_projections(tp1):
