@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ext.cli import DTYPE_NAMES
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -26,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save", required=True, help="target directory")
     p.add_argument("--target-tp", type=int, default=None,
                    help="tensor-parallel size of a megatron target (default: 1, or the source's TP)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="cast floating tensors (default: keep the source dtype; fp32 for GGUF)")
     p.add_argument("--tokenizer-type", default=None,
                    help="tokenizer type recorded in a megatron target (default: inferred from the files)")

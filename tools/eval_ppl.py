@@ -17,22 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ext.cli import add_model_flags, add_window_flags
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="our checkpoint directory or a Hugging Face model directory")
+    add_model_flags(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file", help="UTF-8 text evaluated as one document (e.g. WikiText-2 wiki.test.raw)")
     src.add_argument("--data-path", help="prefix of a tokenized Megatron .bin/.idx dataset")
-    p.add_argument("--seq-length", type=int, required=True, help="window length in tokens")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--sparse", action="store_true",
-                   help="apply the checkpoint's hard N:M masks (argmax of its mask logits, or its hard masks)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute dtype of the model")
-    p.add_argument("--tokenizer-type", default=None,
-                   help="override the tokenizer type recorded with the checkpoint (e.g. HuggingFaceTokenizer)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    add_window_flags(p)
     return p.parse_args(argv)
 
 

@@ -19,21 +19,15 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_ext.cli import add_model_flags, add_window_flags
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="our checkpoint directory or a Hugging Face model directory")
+    add_model_flags(p)
     p.add_argument("--eval", action="append", required=True, metavar="NAME=PATH", dest="evals",
                    help="a set to evaluate: a text file or a .bin/.idx prefix (repeat for more sets)")
-    p.add_argument("--seq-length", type=int, required=True, help="window length in tokens")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--sparse", action="store_true",
-                   help="apply the checkpoint's hard N:M masks (argmax of its mask logits, or its hard masks)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute dtype of the model")
-    p.add_argument("--tokenizer-type", default=None,
-                   help="override the tokenizer type recorded with the checkpoint (e.g. HuggingFaceTokenizer)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows of each set")
+    add_window_flags(p, "evaluate only the first N windows of each set")
     p.add_argument("--output", default=None, metavar="JSON", help="also write the results to this JSON file")
     return p.parse_args(argv)
 

@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ext.cli import DTYPE_NAMES
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="our checkpoint with mask_logits and/or hard_mask entries")
     p.add_argument("--save", required=True, help="output directory")
     p.add_argument("--format", required=True, choices=("hf", "masks", "megatron"))
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="weight dtype of the output (hf default fp16, megatron default: unchanged)")
     p.add_argument("--N", type=int, default=None, help="kept weights per group (default: from the checkpoint)")
     p.add_argument("--M", type=int, default=None, help="group size (default: from the checkpoint)")

@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_ext.cli import DTYPE_NAMES, add_model_flags
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="our checkpoint directory or a Hugging Face model directory")
+    add_model_flags(p)
     p.add_argument("--save", required=True, help="output checkpoint directory")
     p.add_argument("--method", required=True, choices=("magnitude", "wanda", "sparsegpt"))
     p.add_argument("--N", type=int, default=2, help="weights kept per group (default 2)")
@@ -39,11 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "local diagonal block (approximation, no communication)")
     p.add_argument("--no-sequential", action="store_true",
                    help="calibrate every layer on the dense model's activations instead of the pruned ones")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute dtype of the model")
-    p.add_argument("--save-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--save-dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype of the saved weights (default: the compute dtype)")
-    p.add_argument("--tokenizer-type", default=None, help="override the tokenizer type recorded with the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing iteration in --save")
     return p.parse_args(argv)
 
