@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.cli import add_model_flags, add_window_flags
+from megatron_ext.errors import InputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class EvalSpecError(ValueError):
+class EvalSpecError(InputError):
     """A bad --eval or --output value (the message names the flag and the value)."""
 
 

@@ -200,6 +200,8 @@ class Run:
             self.plan.check_resume(train_state.get("plan"), self.iteration, str(ckpt.iter_dir))
         if not self.plan.resolved:
             self._resolve_micro_batches(train_state.get("plan") if resume else None)
+        # the plan this start follows: tools/plot_run.py draws the stage boundaries from it
+        log.metrics("plan", self.iteration, {"plan": self.plan.to_record()})
         if resume:
             self._restore_optimizer(ckpt, payload, train_state)
         self.consumed_train = int(train_state.get("consumed_train_samples", 0))
@@ -282,7 +284,7 @@ class Run:
             out["opt_param_scheduler"] = payloads[0]["opt_param_scheduler"]
         return out
 
-    def _build_optimizer(self) -> None:
+    def _build_optimizer(self, quiet: bool = False) -> None:
         """AdamW and the schedule, after the weights are loaded (fp32 main copies start from them)."""
         o = self.config.optim
         claimed = [g for p in self.plugins for g in p.param_groups(self.model, o.lr, o.min_lr)]
@@ -294,7 +296,8 @@ class Run:
         self.scheduler = ParamScheduler(self.optimizer, lr_schedule(o, self._schedule_unit), o.weight_decay)
         trainable = sum(e.param.numel() for e in self.optimizer.entries)
         counts = ", ".join(f"{g['name']}: {len(g['params'])} tensors" for g in self.optimizer.param_groups)
-        self.log.print(f"> trainable parameters on this rank: {trainable:,} ({counts})")
+        if not quiet:
+            self.log.print(f"> trainable parameters on this rank: {trainable:,} ({counts})")
 
     @property
     def _schedule_unit(self) -> int:
@@ -333,7 +336,7 @@ class Run:
                       f"{probes}; chose {sizes}{kept} ({time.perf_counter() - t0:.1f} s)")
             # a fresh optimizer: the probes' AdamW state must not reach training
             self.optimizer.close()
-            self._build_optimizer()
+            self._build_optimizer(quiet=True)
         self.plan = self.plan.with_micro_batches(sizes)
         for line in self.plan.describe() if self.plan.staged else ():
             log.print(line)
