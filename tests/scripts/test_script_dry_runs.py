@@ -2,9 +2,9 @@
 user runs it (bash, a fresh environment, every input it names present): it passes its own
 checks and prints the one command it would launch, and that command line is what the tool
 behind it accepts (the trainer's, prune_oneshot's, eval_ppl's parser) with the recipe's
-values: the LLaMA-3-8B set (128k vocabulary, 8 query groups, the tokenizer.json of its
-Hugging Face directory) beside the LLaMA-2-7B one, the SmolLM2-135M curriculum examples,
-and MICRO_BATCH_SIZE=auto wherever a script trains."""
+values: the LLaMA-3-8B and LLaMA-3.1-8B sets (128k vocabulary, 8 query groups, the
+tokenizer.json of their Hugging Face directories) beside the LLaMA-2-7B one, the SmolLM2-135M
+curriculum examples, and MICRO_BATCH_SIZE=auto wherever a script trains."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,11 +24,14 @@ CURRICULUM = SCRIPTS / "curriculum" / "smollm2_135m_stages.yaml"
 # The scripts this file runs (the others are run by a test file that names them).
 RUN_HERE = ("curriculum/smollm2_135m_dense.sh", "curriculum/smollm2_135m_mask_only.sh",
             "learnable_sparsity/llama2_7b_mask_only_tp4_c4.sh", "learnable_sparsity/llama3_8b_mask_only_tp8_c4.sh",
-            "learnable_sparsity/smollm2_135m_mask_only.sh", "incremental/llama2_7b_mask_only_wikitext103_tp4.sh",
-            "incremental/llama3_8b_mask_only_wikitext103_tp8.sh", "oneshot/run_llama2_7b_prune_tp4.sh",
-            "oneshot/run_llama3_8b_prune_tp8.sh", "ppl/evaluate_llama2_wikitext2.sh", "ppl/evaluate_llama3_wikitext2.sh",
-            "tools/export_hf.sh", "data/prepare_c4_llama2.sh", "data/prepare_c4_llama3.sh",
-            "data/prepare_wikitext103_llama2.sh", "data/prepare_wikitext103_llama3.sh",
+            "learnable_sparsity/llama3.1_8b_mask_only_tp8_c4.sh", "learnable_sparsity/smollm2_135m_mask_only.sh",
+            "incremental/llama2_7b_mask_only_wikitext103_tp4.sh", "incremental/llama3_8b_mask_only_wikitext103_tp8.sh",
+            "incremental/llama3.1_8b_mask_only_wikitext103_tp8.sh", "oneshot/run_llama2_7b_prune_tp4.sh",
+            "oneshot/run_llama3_8b_prune_tp8.sh", "oneshot/run_llama3.1_8b_prune_tp8.sh",
+            "ppl/evaluate_llama2_wikitext2.sh", "ppl/evaluate_llama3_wikitext2.sh",
+            "ppl/evaluate_llama3.1_wikitext2.sh", "tools/export_hf.sh", "data/prepare_c4_llama2.sh",
+            "data/prepare_c4_llama3.sh", "data/prepare_c4_llama3.1.sh", "data/prepare_wikitext103_llama2.sh",
+            "data/prepare_wikitext103_llama3.sh", "data/prepare_wikitext103_llama3.1.sh",
             "data/prepare_smollm2_study_corpora.sh")
 # Set by torchrun or an outer launcher; a script under test must not inherit them.
 _INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -195,7 +198,18 @@ def test_curriculum_scripts_name_a_missing_curriculum(tmp_path):
         assert f"CURRICULUM: file not found: {tmp_path / 'stages.yaml'}" in res.stderr
 
 
-# --------------------------------------------------------------------------- LLaMA-3-8B
+# --------------------------------------------------------------------------- LLaMA-3-8B and LLaMA-3.1-8B
+
+# The two sets differ in the model, its Hugging Face directory (and the variable naming it)
+# and the names of their data, tags and checkpoints.
+LLAMA3 = {
+    "llama3": dict(model="llama3-8b", hf_var="LLAMA3_HF", hf="assets/checkpoints/llama3_8b_hf",
+                   c4="learnable_sparsity/llama3_8b_mask_only_tp8_c4.sh",
+                   incremental="incremental/llama3_8b_mask_only_wikitext103_tp8.sh"),
+    "llama3.1": dict(model="llama3.1-8b", hf_var="LLAMA31_HF", hf="assets/checkpoints/llama3.1_8b_hf",
+                     c4="learnable_sparsity/llama3.1_8b_mask_only_tp8_c4.sh",
+                     incremental="incremental/llama3.1_8b_mask_only_wikitext103_tp8.sh"),
+}
 
 
 def _c4(tmp_path, name):
@@ -205,15 +219,18 @@ def _c4(tmp_path, name):
     return home
 
 
+@pytest.mark.parametrize("llama", LLAMA3)
 @pytest.mark.parametrize("micro_batch", ["1", "auto"])
-def test_llama3_c4_script_launches_the_maskllm_recipe(tmp_path, micro_batch):
-    home = _c4(tmp_path, "c4_llama3")
-    hf = hf_dir(tmp_path / "llama3_8b_hf")
-    env = dict(C4_HOME=home, LLAMA3_HF=hf, DENSE_CKPT=checkpoint(tmp_path / "dense"),
-               PRIOR_CKPT=checkpoint(tmp_path / "prior"), RUN_DIR=tmp_path / "run", MICRO_BATCH_SIZE=micro_batch)
-    ((_, words),) = commands(dry_run("learnable_sparsity/llama3_8b_mask_only_tp8_c4.sh", 0, **env))
+def test_llama3_c4_script_launches_the_maskllm_recipe(tmp_path, micro_batch, llama):
+    s = LLAMA3[llama]
+    home = _c4(tmp_path, f"c4_{llama}")
+    hf = hf_dir(tmp_path / f"{llama}_8b_hf")
+    env = {"C4_HOME": home, s["hf_var"]: hf, "DENSE_CKPT": checkpoint(tmp_path / "dense"),
+           "PRIOR_CKPT": checkpoint(tmp_path / "prior"), "RUN_DIR": tmp_path / "run", "MICRO_BATCH_SIZE": micro_batch}
+    ((_, words),) = commands(dry_run(s["c4"], 0, **env))
     args = trainer_args(after(words, "pretrain_maskllm.py"))
-    assert (args.model, args.tensor_model_parallel_size, args.seq_length, args.bf16) == ("llama3-8b", 8, 4096, True)
+    assert (args.model, args.tensor_model_parallel_size, args.seq_length, args.bf16) == (s["model"], 8, 4096, True)
+    assert args.tag == f"{s['model']}-tp8-mask-only-c4"
     assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", hf)
     assert args.micro_batch_size == (micro_batch if micro_batch == "auto" else 1)   # default: auto
     assert (args.global_batch_size, args.train_iters, args.lr, args.min_lr) == (256, 2000, 5e-5, 5e-6)
@@ -223,51 +240,63 @@ def test_llama3_c4_script_launches_the_maskllm_recipe(tmp_path, micro_batch):
     assert args.load == str(tmp_path / "dense") and args.finetune and args.prior_mask == str(tmp_path / "prior")
 
 
-def test_llama3_model_is_gqa_with_the_128k_vocabulary_and_tp8_shards_it():
+@pytest.mark.parametrize("name,rope_scaling,positions", [("llama3-8b", None, 8192), ("llama3.1-8b", 8.0, 131072)])
+def test_llama3_models_are_gqa_with_the_128k_vocabulary_and_tp8_shards_them(name, rope_scaling, positions):
     from megatron_ext.models import get_config
 
-    cfg = get_config("llama3-8b")
+    cfg = get_config(name)
     assert (cfg.vocab_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.rotary_base) == \
         (128256, 32, 8, 500000.0)
+    assert (cfg.rope_scaling_factor, cfg.max_position_embeddings) == (rope_scaling, positions)
     cfg.validate_tp(8)
 
 
-def test_llama3_c4_script_names_the_missing_tokenizer(tmp_path):
-    env = dict(C4_HOME=_c4(tmp_path, "c4"), LLAMA3_HF=tmp_path / "hf", DENSE_CKPT=checkpoint(tmp_path / "dense"),
-               PRIOR_CKPT=checkpoint(tmp_path / "prior"), RUN_DIR=tmp_path / "run")
-    res = dry_run("learnable_sparsity/llama3_8b_mask_only_tp8_c4.sh", 0, **env)
-    assert res.returncode == 1 and f"LLAMA3_HF: tokenizer not found: {tmp_path / 'hf'}" in res.stderr
+@pytest.mark.parametrize("llama", LLAMA3)
+def test_llama3_c4_script_names_the_missing_tokenizer(tmp_path, llama):
+    s = LLAMA3[llama]
+    env = {"C4_HOME": _c4(tmp_path, "c4"), s["hf_var"]: tmp_path / "hf", "DENSE_CKPT": checkpoint(tmp_path / "dense"),
+           "PRIOR_CKPT": checkpoint(tmp_path / "prior"), "RUN_DIR": tmp_path / "run"}
+    res = dry_run(s["c4"], 0, **env)
+    assert res.returncode == 1 and f"{s['hf_var']}: tokenizer not found: {tmp_path / 'hf'}" in res.stderr
+    # by default, the model's own Hugging Face directory
+    res = dry_run(s["c4"], 0, **{k: v for k, v in env.items() if k != s["hf_var"]})
+    assert res.returncode == 1 and f"{s['hf_var']}: tokenizer not found: {s['hf']}" in res.stderr
 
 
+@pytest.mark.parametrize("llama", LLAMA3)
 @pytest.mark.parametrize("micro_batch", ["1", "auto"])
-def test_llama3_incremental_script_launches_from_the_c4_masks(tmp_path, micro_batch):
+def test_llama3_incremental_script_launches_from_the_c4_masks(tmp_path, micro_batch, llama):
+    s = LLAMA3[llama]
     home = tmp_path / "wiki"
-    dataset(home / "wiki_train_llama3_text_document")
-    hf = hf_dir(tmp_path / "llama3_8b_hf")
+    dataset(home / f"wiki_train_{llama}_text_document")
+    hf = hf_dir(tmp_path / f"{llama}_8b_hf")
     c4 = checkpoint(tmp_path / "c4run" / "ckpt")
-    env = dict(WIKI_HOME=home, LLAMA3_HF=hf, C4_MASK_CKPT=c4, RUN_DIR=tmp_path / "run", MICRO_BATCH_SIZE=micro_batch)
-    ((_, words),) = commands(dry_run("incremental/llama3_8b_mask_only_wikitext103_tp8.sh", 0, **env))
+    env = {"WIKI_HOME": home, s["hf_var"]: hf, "C4_MASK_CKPT": c4, "RUN_DIR": tmp_path / "run",
+           "MICRO_BATCH_SIZE": micro_batch}
+    ((_, words),) = commands(dry_run(s["incremental"], 0, **env))
     args = trainer_args(after(words, "pretrain_maskllm.py"))
-    assert (args.model, args.tensor_model_parallel_size, args.seq_length) == ("llama3-8b", 8, 2048)
+    assert (args.model, args.tensor_model_parallel_size, args.seq_length) == (s["model"], 8, 2048)
     assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", hf)
-    assert args.data_path == f"1.0 {home}/wiki_train_llama3_text_document"
+    assert args.data_path == f"1.0 {home}/wiki_train_{llama}_text_document"
     assert args.micro_batch_size == (micro_batch if micro_batch == "auto" else 1)   # default: auto
     assert args.load == c4 and args.finetune and args.prior_mask is None   # the learned logits as they are
-    assert args.gumbel_temperature_range == (2.0, 0.05) and args.tag == "llama3-8b-tp8-mask-only-wikitext103-c4format"
-    ((_, words),) = commands(dry_run("incremental/llama3_8b_mask_only_wikitext103_tp8.sh", 0,
+    assert args.gumbel_temperature_range == (2.0, 0.05)
+    assert args.tag == f"{s['model']}-tp8-mask-only-wikitext103-c4format"
+    ((_, words),) = commands(dry_run(s["incremental"], 0,
                                      **{**env, "PRIOR_STRENGTH": "3", "RUN_DIR": tmp_path / "run3"}))
     args = trainer_args(after(words, "pretrain_maskllm.py"))
     assert (args.prior_mask, args.prior_strength) == (c4, 3.0)
 
 
 @pytest.mark.parametrize("script,tp", [("oneshot/run_llama2_7b_prune_tp4.sh", 4),
-                                       ("oneshot/run_llama3_8b_prune_tp8.sh", 8)])
+                                       ("oneshot/run_llama3_8b_prune_tp8.sh", 8),
+                                       ("oneshot/run_llama3.1_8b_prune_tp8.sh", 8)])
 def test_oneshot_scripts_launch_sparsegpt(tmp_path, script, tp):
     calib = dataset(tmp_path / "calib_text_document")
     dense = hf_dir(tmp_path / "hf") if "llama3" in script else checkpoint(tmp_path / "dense")
     ((kind, words),) = commands(dry_run(script, "hessian", DENSE_CKPT=dense, CALIB_DATA=calib,
                                         OUTPUT_ROOT=tmp_path / "out"))
-    assert kind == "torchrun" and f"--nproc_per_node" in words
+    assert kind == "torchrun" and "--nproc_per_node" in words
     assert words[words.index("--nproc_per_node") + 1] == str(tp)
     args = tool_args("prune_oneshot", after(words, "prune_oneshot.py"))
     assert (args.method, args.N, args.M, args.update_weight) == ("sparsegpt", 2, 4, True)
@@ -275,7 +304,8 @@ def test_oneshot_scripts_launch_sparsegpt(tmp_path, script, tp):
     assert args.save == f"{tmp_path}/out/hessian_2_4" and args.seq_length == 4096 and args.dtype == "bf16"
 
 
-@pytest.mark.parametrize("script", ["oneshot/run_llama2_7b_prune_tp4.sh", "oneshot/run_llama3_8b_prune_tp8.sh"])
+@pytest.mark.parametrize("script", ["oneshot/run_llama2_7b_prune_tp4.sh", "oneshot/run_llama3_8b_prune_tp8.sh",
+                                    "oneshot/run_llama3.1_8b_prune_tp8.sh"])
 def test_oneshot_scripts_report_missing_inputs_before_launching(tmp_path, script):
     res = dry_run(script, "wanda", DENSE_CKPT=tmp_path / "dense", CALIB_DATA=tmp_path / "calib",
                   OUTPUT_ROOT=tmp_path / "out")
@@ -284,7 +314,8 @@ def test_oneshot_scripts_report_missing_inputs_before_launching(tmp_path, script
     assert f"CALIB_DATA: dataset {tmp_path / 'calib'} is missing" in res.stderr
 
 
-@pytest.mark.parametrize("script", ["ppl/evaluate_llama2_wikitext2.sh", "ppl/evaluate_llama3_wikitext2.sh"])
+@pytest.mark.parametrize("script", ["ppl/evaluate_llama2_wikitext2.sh", "ppl/evaluate_llama3_wikitext2.sh",
+                                    "ppl/evaluate_llama3.1_wikitext2.sh"])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_ppl_scripts_launch_eval_ppl(tmp_path, script, mode):
     ckpt = checkpoint(tmp_path / "ckpt")
@@ -308,13 +339,14 @@ def test_export_script_exports_checks_and_packs(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("llama,tokenizer_type", [("llama2", "Llama2Tokenizer"), ("llama3", "HuggingFaceTokenizer")])
+@pytest.mark.parametrize("llama,tokenizer_type", [("llama2", "Llama2Tokenizer"), ("llama3", "HuggingFaceTokenizer"),
+                                                  ("llama3.1", "HuggingFaceTokenizer")])
 def test_c4_data_scripts_tokenize_every_shard_with_their_tokenizer(tmp_path, llama, tokenizer_type):
     raw = tmp_path / "raw"
     raw.mkdir()
     for i in range(3):
         (raw / f"c4-train.{i:05d}-of-01024.json").write_text('{"text": "x"}\n')
-    tok = hf_dir(tmp_path / "hf") if llama == "llama3" else str(REPO / "examples" / "data" / "tokenizer.model")
+    tok = hf_dir(tmp_path / "hf") if llama != "llama2" else str(REPO / "examples" / "data" / "tokenizer.model")
     cmds = commands(dry_run(f"data/prepare_c4_{llama}.sh", C4_RAW=raw, C4_HOME=tmp_path / "out", NUM_SHARDS=3,
                             TOKENIZER_MODEL=tok))
     assert [Path(w[0]).name for _, w in cmds] == ["preprocess_data.py"] * 3 + ["check_dataset.py"]
@@ -326,18 +358,22 @@ def test_c4_data_scripts_tokenize_every_shard_with_their_tokenizer(tmp_path, lla
     assert cmds[3][1][1:] == [f"{tmp_path}/out/c4_{i:05d}_text_document" for i in range(3)]
 
 
-def test_llama3_c4_data_script_defaults_to_the_hf_directory(tmp_path):
-    res = dry_run("data/prepare_c4_llama3.sh", C4_RAW=tmp_path, C4_HOME=tmp_path / "out", NUM_SHARDS=1)
-    assert res.returncode == 1
-    assert "TOKENIZER_MODEL: tokenizer not found: assets/checkpoints/llama3_8b_hf" in res.stderr
+@pytest.mark.parametrize("llama", LLAMA3)
+def test_llama3_data_scripts_default_to_the_hf_directory(tmp_path, llama):
+    for script, env in ((f"data/prepare_c4_{llama}.sh", dict(C4_RAW=tmp_path, NUM_SHARDS=1)),
+                        (f"data/prepare_wikitext103_{llama}.sh", dict(WIKI_RAW=tmp_path))):
+        res = dry_run(script, C4_HOME=tmp_path / "out", WIKI_HOME=tmp_path / "out", **env)
+        assert res.returncode == 1 and not (tmp_path / "out").exists()
+        assert f"TOKENIZER_MODEL: tokenizer not found: {LLAMA3[llama]['hf']}" in res.stderr
 
 
-@pytest.mark.parametrize("llama,tokenizer_type", [("llama2", "Llama2Tokenizer"), ("llama3", "HuggingFaceTokenizer")])
+@pytest.mark.parametrize("llama,tokenizer_type", [("llama2", "Llama2Tokenizer"), ("llama3", "HuggingFaceTokenizer"),
+                                                  ("llama3.1", "HuggingFaceTokenizer")])
 def test_wikitext_data_scripts_split_articles_then_tokenize(tmp_path, llama, tokenizer_type):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "wiki.train.raw").write_text(" = A = \n a \n")
-    tok = hf_dir(tmp_path / "hf") if llama == "llama3" else str(REPO / "examples" / "data" / "tokenizer.model")
+    tok = hf_dir(tmp_path / "hf") if llama != "llama2" else str(REPO / "examples" / "data" / "tokenizer.model")
     cmds = commands(dry_run(f"data/prepare_wikitext103_{llama}.sh", WIKI_RAW=raw, WIKI_HOME=tmp_path / "out",
                             TOKENIZER_MODEL=tok))
     assert [w[0] for _, w in cmds][0] == "-"                              # the article splitter, on stdin
