@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_ext.errors import InputError
 
@@ -115,29 +115,35 @@ def _moving_average(ys: List[float], window: int) -> List[float]:
     return out
 
 
-def stage_boundaries(train: Sequence[Dict[str, Any]]) -> List[Tuple[float, str]]:
-    """``(iteration, label)`` where the curriculum stage changes (none in logs without stages)."""
-    out, previous = [], None
-    for r in train:
-        stage = r.get("stage")
-        if stage is None:
-            continue
-        if previous is not None and stage != previous:
-            label = f"stage {stage}"
-            if r.get("seq_length") is not None:
-                label += f": seq {r['seq_length']}"
-            if r.get("global_batch_size") is not None:
-                label += f", gbs {r['global_batch_size']}"
-            out.append((r["iteration"] - 0.5, label))
-        previous = stage
+def stage_boundaries(plan: Optional[Mapping[str, Any]]) -> List[Tuple[float, str]]:
+    """``(iteration, label)`` of each stage after the first that the run reaches, from a plan
+    record (``{"stages": [{"start", "seq_length", "global_batch_size", "lr_scale"}, ...],
+    "train_iters"}``: the trainer's ``plan`` metrics record, ``preview.planned_curves``'s
+    ``plan``). The line stands at the stage's ``start``, the iteration after which it trains
+    (``iteration: 2000`` of a curriculum: the line at 2000, iteration 2001 the first of the stage)."""
+    if not plan:
+        return []
+    end = plan.get("train_iters")
+    out = []
+    for i, s in enumerate(plan.get("stages") or ()):
+        if 0 < s["start"] and (end is None or s["start"] < end):
+            out.append((s["start"], f"stage {i + 1}: seq {s['seq_length']}, gbs {s['global_batch_size']}, "
+                                    f"LR x{s.get('lr_scale', 1.0):g}"))
     return out
+
+
+def step_series(ax, xs: Sequence[float], ys: Sequence[float], **kwargs) -> None:
+    """A per-iteration value that holds for a whole iteration: the point at iteration ``k``
+    covers ``(k - 1, k]``, so a change at a stage's start steps on its boundary line."""
+    ax.plot(xs, ys, drawstyle="steps-pre", **kwargs)
 
 
 def run_figure(records: Sequence[Dict[str, Any]], title: Optional[str] = None):
     """The panels of a run's metrics records (``RunLogger.metrics``'s JSON lines): training
     and validation loss, perplexity, accuracy, tokens/s, learning rate and, for MaskLLM
     runs, the mask flip rate; panels whose values are absent from the logs are left out.
-    Returns the figure."""
+    Dashed lines mark the stages of the run's last logged plan (``kind: plan``; logs
+    written before the trainer logged its plan have none). Returns the figure."""
     train = [r for r in records if r.get("kind") == "train"]
     evals: Dict[str, List[Dict[str, Any]]] = {}
     for r in records:
@@ -229,5 +235,6 @@ def run_figure(records: Sequence[Dict[str, Any]], title: Optional[str] = None):
 
     for ax in axes[-2:]:
         ax.set_xlabel("iteration")
-    mark_boundaries(axes, stage_boundaries(train), label_axis=axes[0])
+    plans = [r["plan"] for r in records if r.get("kind") == "plan" and isinstance(r.get("plan"), dict)]
+    mark_boundaries(axes, stage_boundaries(plans[-1] if plans else None), label_axis=axes[0])
     return fig

@@ -10,7 +10,8 @@ run's log directory ``<log-dir>/<tag>``, or a --log-dir holding one run. The run
 ``metrics-*.jsonl`` files (one per start of a resumed run) are joined in time order.
 Panels: training and validation loss (every evaluated set), perplexity, next-token
 accuracy, tokens/s, learning rate and, for MaskLLM runs, the mask flip rate; dashed
-lines mark curriculum stage changes. Needs matplotlib (pip install matplotlib).
+lines stand at the iterations where the stages of the run's logged plan start. Needs
+matplotlib (pip install matplotlib).
 """
 from __future__ import annotations
 

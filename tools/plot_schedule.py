@@ -29,7 +29,7 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def schedule_figure(curves, title: str):
-    from megatron_ext.plotting import mark_boundaries, panel_grid
+    from megatron_ext.plotting import mark_boundaries, panel_grid, stage_boundaries, step_series
 
     names = ["lr", "seq_length", "global_batch_size", "tokens", *curves["plugins"]]
     fig, axes = panel_grid(len(names), title=title)
@@ -39,7 +39,10 @@ def schedule_figure(curves, title: str):
     for i, (name, ax) in enumerate(zip(names, axes)):
         ys = curves[name] if name in titles else curves["plugins"][name]
         step = name in ("seq_length", "global_batch_size")
-        ax.plot(x, ys, color=f"C{i}", linewidth=1.3, drawstyle="steps-post" if step else "default")
+        if step:
+            step_series(ax, x, ys, color=f"C{i}", linewidth=1.3)
+        else:
+            ax.plot(x, ys, color=f"C{i}", linewidth=1.3)
         ax.set_title(titles.get(name, name))
         positive = [y for y in ys if y > 0]
         if name == "lr" and positive and max(positive) > 30 * min(positive):
@@ -50,7 +53,7 @@ def schedule_figure(curves, title: str):
         if step or name == "tokens":
             ax.set_ylim(bottom=0)
         ax.set_xlabel("iteration")
-    mark_boundaries(axes, curves["boundaries"], label_axis=axes[0])
+    mark_boundaries(axes, stage_boundaries(curves["plan"]), label_axis=axes[0])
     return fig
 
 

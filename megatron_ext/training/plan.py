@@ -128,8 +128,9 @@ class TrainingPlan:
 
     # ------------------------------------------------------------------ records
     def to_record(self) -> Dict[str, Any]:
-        """What a checkpoint stores (``training.plan``)."""
-        return {"source": self.source, "stages": [asdict(s) for s in self.stages]}
+        """What a checkpoint stores (``training.plan``) and the run logs at its start (the
+        ``plan`` metrics record ``tools/plot_run.py`` draws the stages from)."""
+        return {"source": self.source, "train_iters": self.train_iters, "stages": [asdict(s) for s in self.stages]}
 
     def check_resume(self, saved: Optional[Mapping[str, Any]], iteration: int, where: str) -> None:
         """The stages already trained (up to ``iteration``) are those of the checkpoint."""
@@ -250,7 +251,8 @@ def curriculum_stages(path: str) -> List[Stage]:
         unknown = sorted(set(entry) - set(STAGE_KEYS))
         if missing or unknown:
             raise ArgsError(f"{where}: " + (f"missing {', '.join(missing)}" if missing else "")
-                            + ("; " if missing and unknown else "") + (f"unknown {', '.join(unknown)}" if unknown else ""))
+                            + ("; " if missing and unknown else "")
+                            + (f"unknown {', '.join(unknown)}" if unknown else ""))
         values = {}
         for key in ("iteration", "seq_length", "global_batch_size"):
             v = entry[key]

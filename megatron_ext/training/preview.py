@@ -18,7 +18,8 @@ from megatron_ext.training.schedules import lr_schedule
 
 def planned_curves(config: RunConfig, plugins: Sequence[TrainerPlugin] = ()) -> Dict[str, Any]:
     """``{"iteration": [1..T], "lr": [...], "seq_length": [...], "global_batch_size": [...],
-    "tokens": [...], "stage": [...], "plugins": {name: [...]}, "boundaries": [(iteration, label)]}``."""
+    "tokens": [...], "stage": [...], "plugins": {name: [...]}, "plan": the plan's record
+    (as the trainer logs it: ``plotting.stage_boundaries`` reads it)}``."""
     plan, o = config.plan, config.optim
     unit = 1 if plan.staged else plan.stages[0].global_batch_size
     schedule = lr_schedule(o, unit)
@@ -39,9 +40,7 @@ def planned_curves(config: RunConfig, plugins: Sequence[TrainerPlugin] = ()) -> 
                 extra.setdefault(name, []).append(value)
         steps += unit
     out["plugins"] = extra
-    out["boundaries"] = [(s.start + 0.5, f"stage {i + 1}: seq {s.seq_length}, gbs {s.global_batch_size}, "
-                                         f"x{s.lr_scale:g}")
-                         for i, s in enumerate(plan.stages) if 0 < s.start < o.train_iters]
+    out["plan"] = plan.to_record()
     return out
 
 

@@ -170,7 +170,8 @@ class RunLogger:
             self.log_file.write(line + "\n")
             self.log_file.flush()
 
-    def metrics(self, kind: str, iteration: int, values: Dict[str, Any], consumed_samples: Optional[int] = None) -> None:
+    def metrics(self, kind: str, iteration: int, values: Dict[str, Any],
+                consumed_samples: Optional[int] = None) -> None:
         """A JSON line, TensorBoard scalars (``<kind>/<name>`` against the iteration and, for
         training, ``<name> vs samples`` as Megatron-LM logs them) and the same scalars to
         Weights & Biases (step: the iteration)."""
@@ -192,7 +193,8 @@ class RunLogger:
             scalars = {f"{kind}/{name}": value for name, value in _scalars(values)}
             if consumed_samples is not None:
                 scalars[f"{kind}/consumed_samples"] = consumed_samples
-            self.wandb_run.log(scalars, step=iteration)
+            if scalars:   # a record of structure only (the plan) is the JSON line's alone
+                self.wandb_run.log(scalars, step=iteration)
 
     @staticmethod
     def iteration_line(iteration: int, train_iters: int, fields) -> str:

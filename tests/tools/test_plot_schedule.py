@@ -50,7 +50,12 @@ def test_planned_curves_are_what_the_trainer_does(tmp_path, sample_dir, staged):
     assert curves["global_batch_size"] == [r["global_batch_size"] for r in history]
     assert curves["tokens"] == [r["tokens"] for r in history]
     assert curves["plugins"]["Gumbel temperature tau"] == pytest.approx([r["tau"] for r in history])
-    assert curves["boundaries"] == ([(3.5, "stage 2: seq 64, gbs 4, x0.5")] if staged else [])
+    from megatron_ext.plotting import stage_boundaries
+
+    # the line at the stage's start: the last iteration of stage 1, the next the first of stage 2
+    assert stage_boundaries(curves["plan"]) == ([(3, "stage 2: seq 64, gbs 4, LR x0.5")] if staged else [])
+    if staged:
+        assert [r["seq_length"] for r in history][2:4] == [32, 64]
 
 
 def test_the_tool_writes_a_png_from_a_scripts_flags(tmp_path):
@@ -62,6 +67,24 @@ def test_the_tool_writes_a_png_from_a_scripts_flags(tmp_path):
             "--model", "smollm2-135m", "--mask-only", "--N", "2", "--M", "4", "-o", str(out), "--world-size", "4"]
     assert _tool().main(argv) == 0
     assert out.stat().st_size > 20_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_seq_length_and_batch_steps_stand_on_the_stage_lines(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.cbook import STEP_LOOKUP_MAP
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(STAGES))
+    args = parse_args(["--model", "tiny", "--micro-batch-size", "2", "--train-iters", "6", "--lr", "3e-3",
+                       "--data-path", "unused", "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "unused",
+                       "--curriculum", str(tmp_path / "s.yaml")])
+    fig = _tool().schedule_figure(planned_curves(RunConfig.from_args(args, 1)), "plan")
+    for title in ("sequence length", "global batch (samples)"):
+        (ax,) = [a for a in fig.axes if a.get_title() == title]
+        lines = ax.get_lines()
+        dashed = [line.get_xdata()[0] for line in lines if line.get_linestyle() == "--"]
+        xs, ys = STEP_LOOKUP_MAP[lines[0].get_drawstyle()](lines[0].get_xdata(), lines[0].get_ydata())
+        jumps = [x for x0, x, y0, y in zip(xs, xs[1:], ys, ys[1:]) if x == x0 and y != y0]
+        assert jumps == dashed == [3], title
 
 
 def test_flags_the_trainer_refuses_are_refused(tmp_path, capsys):

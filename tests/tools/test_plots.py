@@ -117,7 +117,10 @@ def test_a_resumed_run_keeps_one_curve(tmp_path):
 def test_stages_and_new_keys_plot_and_old_logs_without_them_too(tmp_path, capsys):
     from megatron_ext.plotting import stage_boundaries
 
-    staged = []
+    plan = {"source": "--curriculum stages.yaml", "train_iters": 60,
+            "stages": [{"start": 20 * k, "seq_length": 64 * 2 ** k, "global_batch_size": 16 // 2 ** k,
+                        "lr_scale": 1.0, "micro_batch_size": 2} for k in range(3)]}
+    staged = [{"kind": "plan", "iteration": 0, "plan": plan}]
     for i in range(1, 61):
         stage = 0 if i <= 20 else 1 if i <= 40 else 2
         staged.append({"kind": "train", "iteration": i, "loss": 8 - i / 10, "lr": 1e-3 * min(1, i / 5),
@@ -129,7 +132,7 @@ def test_stages_and_new_keys_plot_and_old_logs_without_them_too(tmp_path, capsys
                 loss = 7 - i / 12 + shift
                 staged.append({"kind": f"eval/{name}", "iteration": i, "loss": loss, "ppl": 2.718 ** loss,
                                "accuracy": i / 200 - shift / 10, "gap": 0.1})
-    assert [x for x, _ in stage_boundaries([r for r in staged if r["kind"] == "train"])] == [20.5, 40.5]
+    assert stage_boundaries(plan) == [(20, "stage 2: seq 128, gbs 8, LR x1"), (40, "stage 3: seq 256, gbs 4, LR x1")]
     old = [{"kind": "train", "iteration": i, "loss": 8 - i / 10} for i in range(1, 11)]
     for name, records in (("staged", staged), ("old", old)):
         run = tmp_path / name
@@ -140,6 +143,42 @@ def test_stages_and_new_keys_plot_and_old_logs_without_them_too(tmp_path, capsys
         assert _png_size(tmp_path / f"{name}.png")[2] > 10_000
     # six panels against two: the staged picture is taller
     assert _png_size(tmp_path / "staged.png")[1] > _png_size(tmp_path / "old.png")[1]
+
+
+def _dashed_xs(ax) -> list:
+    """The x of each vertical dashed line (``mark_boundaries``) on a panel."""
+    return sorted(line.get_xdata()[0] for line in ax.get_lines()
+                  if line.get_linestyle() == "--" and len(set(line.get_xdata())) == 1)
+
+
+@needs_matplotlib
+def test_stage_lines_stand_at_the_plans_iterations_whatever_the_log_interval(tmp_path, tiny_argv, run_tiny, capsys):
+    """Stages from iterations 3 and 6, logged every 4 iterations (records at 4 and 8 only):
+    the lines stand at 3 and 6, read from the plan the run logged, not from the records."""
+    import yaml
+
+    from megatron_ext.plotting import run_figure
+
+    stages = [{"iteration": 0, "seq_length": 32, "global_batch_size": 4, "lr_scale": 1.0},
+              {"iteration": 3, "seq_length": 64, "global_batch_size": 4, "lr_scale": 0.5},
+              {"iteration": 6, "seq_length": 48, "global_batch_size": 4, "lr_scale": 0.25}]
+    (tmp_path / "stages.yaml").write_text(yaml.safe_dump(stages))
+    argv = tiny_argv(8, curriculum=tmp_path / "stages.yaml", log_interval=4, eval_interval=100, eval_iters=0,
+                     log_dir=tmp_path / "logs", tag="staged")
+    for flag in ("--seq-length", "--global-batch-size"):   # the stages set them
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    result = run_tiny(argv)
+    # the trainer's own stages: iteration 4 is the first of stage 2, 7 the first of stage 3
+    assert [r["stage"] for r in result.history] == [1, 1, 1, 2, 2, 2, 3, 3]
+    records = read_metrics(result.log_dir)
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [4, 8]
+    (plan,) = [r for r in records if r["kind"] == "plan"]
+    assert plan["iteration"] == 0 and [s["start"] for s in plan["plan"]["stages"]] == [0, 3, 6]
+    fig = run_figure(records)
+    assert all(_dashed_xs(ax) == [3, 6] for ax in fig.axes if ax.get_title())
+    rc, _, err = _run(capsys, result.log_dir, "-o", tmp_path / "staged.png")
+    assert rc == 0, err
 
 
 def test_missing_matplotlib_says_how_to_install_it(tmp_path, capsys, monkeypatch):
