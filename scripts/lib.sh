@@ -16,7 +16,11 @@
 #   die MESSAGE                  report and exit 1
 #   torchrun ...                 "$PYTHON" -m torch.distributed.run ...; with DRY_RUN=1 it only
 #                                prints the command line (one shell-quoted word per line after
-#                                "torchrun:"), so a script's launch can be checked without running it
+#                                "torchrun:"), so a script's launch can be checked without running it.
+#                                With PLOT_SCHEDULE=FILE.png, a training launch (pretrain_maskllm.py)
+#                                first draws the run's schedule with tools/plot_schedule.py from the
+#                                same trainer flags (world size: --nnodes x --nproc_per_node), through
+#                                run_tool; if the tool refuses, nothing is launched
 #   run_tool SCRIPT ...          "$PYTHON" SCRIPT ... (a tool, or - for a program on stdin); with
 #                                DRY_RUN=1 it only prints the command line as torchrun does, after
 #                                "python:"
@@ -128,7 +132,30 @@ refuse_existing_run() {
   fi
 }
 
+_plot_schedule() {  # torchrun's arguments -> tools/plot_schedule.py on the trainer's flags
+  local nnodes=1 nproc=1 program=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --nnodes) nnodes=$2; shift 2 ;;
+      --nnodes=*) nnodes=${1#*=}; shift ;;
+      --nproc_per_node|--nproc-per-node) nproc=$2; shift 2 ;;
+      --nproc_per_node=*|--nproc-per-node=*) nproc=${1#*=}; shift ;;
+      *.py) program=$1; shift; break ;;
+      *) shift ;;
+    esac
+  done
+  if [[ "$program" != *pretrain_maskllm.py ]]; then
+    echo "warning: PLOT_SCHEDULE=$PLOT_SCHEDULE: this launch runs ${program:-no program}, not the trainer; no schedule drawn" >&2
+    return 0
+  fi
+  [[ "$nnodes" =~ ^[0-9]+$ && "$nproc" =~ ^[0-9]+$ ]] \
+    || die "PLOT_SCHEDULE=$PLOT_SCHEDULE: cannot tell the world size from --nnodes $nnodes --nproc_per_node $nproc"
+  run_tool "$(dirname "$program")/tools/plot_schedule.py" "$@" --world-size $(( nnodes * nproc )) -o "$PLOT_SCHEDULE" \
+    || die "PLOT_SCHEDULE=$PLOT_SCHEDULE: tools/plot_schedule.py failed (above); nothing was launched"
+}
+
 torchrun() {
+  [ -z "${PLOT_SCHEDULE:-}" ] || _plot_schedule "$@"
   if [ "${DRY_RUN:-0}" = 1 ]; then
     echo "torchrun:"
     printf '%q\n' "$@"

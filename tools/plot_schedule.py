@@ -4,6 +4,12 @@
     python tools/plot_schedule.py [trainer flags] -o schedule.png
     python tools/plot_schedule.py --curriculum scripts/curriculum/smollm2_135m_stages.yaml \\
         --train-iters 3000 --lr 3e-4 --lr-warmup-iters 100 --lr-decay-style cosine ... -o plan.png
+    PLOT_SCHEDULE=plan.png bash run_maskllm_native.sh scripts/curriculum/smollm2_135m_mask_only.sh 0
+
+A launch script's whole trainer command line is accepted as it is; nothing is read but the
+flags (and a ``--curriculum`` file), so ``--data-path`` and the tokenizer flags may be left
+out. The scripts draw their run's schedule before training when ``PLOT_SCHEDULE=FILE.png``
+is set (``scripts/lib.sh``).
 
 Panels: the learning rate over iterations (warmup, decay, each stage's scale), the
 sequence length and global batch of each iteration (``--curriculum`` or
@@ -60,7 +66,8 @@ def schedule_figure(curves, title: str):
 def main(argv: list[str] | None = None) -> int:
     own, trainer_argv = split_argv(list(sys.argv[1:] if argv is None else argv))
     from megatron_ext.errors import InputError, MegatronExtError, report
-    from megatron_ext.train import PLUGINS, build_parser, parse_args
+    from megatron_ext.train import PLUGINS, build_parser
+    from megatron_ext.training import parse_args
 
     if own.help:
         print(__doc__)
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_ext.training.plugins import build_plugins
         from megatron_ext.training.preview import planned_curves
 
-        args = parse_args(trainer_argv)
+        args = parse_args(trainer_argv, PLUGINS, needs_data=False)
         world = own.world_size or args.tensor_model_parallel_size
         config = RunConfig.from_args(args, world)
         plugins = build_plugins(PLUGINS, args)

@@ -227,18 +227,22 @@ def _positive(args, name: str, flag: str, allow_zero: bool = False) -> None:
              f"{flag} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, plugins: Sequence[type] = ()) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None, plugins: Sequence[type] = (),
+               needs_data: bool = True) -> argparse.Namespace:
     """Parse and check the flags (everything but what needs the world size): the trainer's,
-    then each plug-in's. ``RunConfig.from_args`` turns the result into the run's sections."""
+    then each plug-in's. ``RunConfig.from_args`` turns the result into the run's sections.
+    ``needs_data=False`` (``tools/plot_schedule.py``, which reads no data): ``--data-path``
+    and the tokenizer flags may be left out."""
     args = build_parser(plugins).parse_args(argv)
-    check_args(args)
+    check_args(args, needs_data)
     for plugin in plugins:
         plugin.check_args(args)
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Static checks and derived fields (``sparse``, ``tag``); raises ``ArgsError`` naming the flag."""
+def check_args(args: argparse.Namespace, needs_data: bool = True) -> None:
+    """Static checks and derived fields (``sparse``, ``tag``); raises ``ArgsError`` naming the
+    flag. ``needs_data=False``: ``--data-path`` and the tokenizer are not required."""
     _require(not (args.curriculum and args.step_batch_size_schedule),
              "--curriculum and --step-batch-size-schedule are mutually exclusive")
     if args.curriculum is not None:
@@ -258,8 +262,11 @@ def check_args(args: argparse.Namespace) -> None:
         _require(args.global_batch_size is None,
                  f"--global-batch-size {args.global_batch_size}: --step-batch-size-schedule sets the global batch; "
                  "leave the flag out")
-    for name, flag in (("train_iters", "--train-iters"), ("micro_batch_size", "--micro-batch-size"),
-                       ("seq_length", "--seq-length"), ("lr", "--lr"), ("data_path", "--data-path")):
+    required = [("train_iters", "--train-iters"), ("micro_batch_size", "--micro-batch-size"),
+                ("seq_length", "--seq-length"), ("lr", "--lr")]
+    if needs_data:
+        required.append(("data_path", "--data-path"))
+    for name, flag in required:
         _require(getattr(args, name) is not None, f"{flag} is required")
     if args.micro_batch_size != "auto":
         _positive(args, "micro_batch_size", "--micro-batch-size")
@@ -318,13 +325,15 @@ def check_args(args: argparse.Namespace) -> None:
         parse_split(args.split)
     except ValueError as e:
         raise ArgsError(str(e)) from None
-    args.data_path = " ".join(args.data_path)
+    if args.data_path is not None:
+        args.data_path = " ".join(args.data_path)
     if args.eval_data_path is not None:
         args.eval_data_path = " ".join(args.eval_data_path)
-    _require(args.tokenizer_type is not None or args.load is not None,
-             "--tokenizer-type is required (or --load a checkpoint that carries its tokenizer)")
-    _require(args.tokenizer_model is not None or args.load is not None,
-             "--tokenizer-model is required (or --load a checkpoint that carries its tokenizer)")
+    if needs_data:
+        _require(args.tokenizer_type is not None or args.load is not None,
+                 "--tokenizer-type is required (or --load a checkpoint that carries its tokenizer)")
+        _require(args.tokenizer_model is not None or args.load is not None,
+                 "--tokenizer-model is required (or --load a checkpoint that carries its tokenizer)")
     if args.eval_data_path is not None:
         _require(args.eval_iters > 0, "--eval-data-path needs --eval-iters > 0")
     for name, flag in (("early_stop_patience", "--early-stop-patience"), ("save_best", "--save-best"),

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -440,3 +441,41 @@ def test_the_study_corpora_script_prepares_both_corpora_with_smollm2s_tokenizer(
     assert [c[1][c[1].index("--output-prefix") + 1] for c in cmds[2:]] == [f"{out}/python_docs_train",
                                                                           f"{out}/python_docs_heldout"]
     assert not out.exists() and not (tmp_path / "cache").exists()   # a dry run writes nothing
+
+
+# --------------------------------------------------------------------------- PLOT_SCHEDULE
+
+
+def test_plot_schedule_draws_the_scripts_own_run_before_training(tmp_path, monkeypatch):
+    """PLOT_SCHEDULE=FILE.png: before the launch, tools/plot_schedule.py on the same trainer
+    flags and world size (2 nodes x 2 processes); that command, run as printed, draws the PNG
+    (no data or tokenizer read)."""
+    png = tmp_path / "plan.png"
+    env = dict(_curriculum_inputs(tmp_path), PLOT_SCHEDULE=png, NNODES=2, NPROC_PER_NODE=2)
+    (plot_kind, plot), (kind, launch) = commands(dry_run("curriculum/smollm2_135m_mask_only.sh", 0, **env))
+    assert (plot_kind, kind) == ("python", "torchrun")
+    assert plot[0] == "./tools/plot_schedule.py"
+    assert plot[1:-4] == after(launch, "pretrain_maskllm.py")
+    assert plot[-4:] == ["--world-size", "4", "-o", str(png)]
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("tool_plot_schedule", REPO / "tools" / "plot_schedule.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.chdir(REPO)
+    assert tool.main(plot[1:]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_schedule_is_refused_before_a_launch_the_tool_refuses(tmp_path):
+    """Not a dry run: 3 processes, which the stages' global batches (256, ...) do not divide.
+    The tool runs, refuses with the trainer's error, and nothing is launched. Without
+    PLOT_SCHEDULE nothing is drawn."""
+    env = dict(_curriculum_inputs(tmp_path), NPROC_PER_NODE=3)
+    full = {k: v for k, v in os.environ.items() if k not in _INHERITED and k != "DRY_RUN"}
+    full.update({k: str(v) for k, v in env.items()}, PLOT_SCHEDULE=str(tmp_path / "p.png"), PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(SCRIPTS / "curriculum/smollm2_135m_dense.sh"), "0"], cwd=REPO, env=full,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "is not divisible by the data-parallel size 3" in res.stderr
+    assert "PLOT_SCHEDULE=" in res.stderr and "nothing was launched" in res.stderr
+    assert [k for k, _ in commands(dry_run("curriculum/smollm2_135m_dense.sh", 0, **env))] == ["torchrun"]

@@ -59,11 +59,11 @@ def test_planned_curves_are_what_the_trainer_does(tmp_path, sample_dir, staged):
 
 
 def test_the_tool_writes_a_png_from_a_scripts_flags(tmp_path):
+    """No --data-path or tokenizer flags: a schedule needs neither (the trainer does)."""
     pytest.importorskip("matplotlib")
     out = tmp_path / "plan.png"
     argv = ["--curriculum", str(REPO / "scripts" / "curriculum" / "smollm2_135m_stages.yaml"), "--train-iters", "3000",
             "--lr", "3e-4", "--lr-warmup-iters", "100", "--lr-decay-style", "cosine", "--micro-batch-size", "auto",
-            "--data-path", "unused", "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "unused",
             "--model", "smollm2-135m", "--mask-only", "--N", "2", "--M", "4", "-o", str(out), "--world-size", "4"]
     assert _tool().main(argv) == 0
     assert out.stat().st_size > 20_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -76,7 +76,7 @@ def test_the_seq_length_and_batch_steps_stand_on_the_stage_lines(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(STAGES))
     args = parse_args(["--model", "tiny", "--micro-batch-size", "2", "--train-iters", "6", "--lr", "3e-3",
                        "--data-path", "unused", "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "unused",
-                       "--curriculum", str(tmp_path / "s.yaml")])
+                       "--curriculum", str(tmp_path / "s.yaml")])   # the trainer's parser: data flags required
     fig = _tool().schedule_figure(planned_curves(RunConfig.from_args(args, 1)), "plan")
     for title in ("sequence length", "global batch (samples)"):
         (ax,) = [a for a in fig.axes if a.get_title() == title]
@@ -90,8 +90,9 @@ def test_the_seq_length_and_batch_steps_stand_on_the_stage_lines(tmp_path):
 def test_flags_the_trainer_refuses_are_refused(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump([{**STAGES[0], "global_batch_size": 21}]))
     argv = ["--curriculum", str(tmp_path / "s.yaml"), "--train-iters", "10", "--lr", "1e-3", "--micro-batch-size",
-            "auto", "--data-path", "x", "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "x",
-            "-o", str(tmp_path / "p.png"), "--world-size", "2"]
+            "auto", "-o", str(tmp_path / "p.png"), "--world-size", "2"]
     assert _tool().main(argv) == 2
     assert "--global-batch-size 21 is not divisible by the data-parallel size 2" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+    assert _tool().main(argv[:-4] + ["--lr", "-1", "-o", str(tmp_path / "p.png")]) == 2   # the trainer's checks
+    assert "--lr must be > 0, got -1.0" in capsys.readouterr().err

@@ -69,6 +69,8 @@ def test_aliases_and_defaults(make_argv):
     ({"micro_batch_size": 0}, "--micro-batch-size must be > 0"),
     ({"hidden_dropout": 0.1}, "no dropout"),
     ({"lr": None}, "--lr is required"),
+    ({"data_path": None}, "--data-path is required"),          # the trainer's; plot_schedule needs no data
+    ({"tokenizer_model": None}, "--tokenizer-model is required"),
     ({"gumbel_temperature_range": [4, 0], "mask_only": True}, "--gumbel-temperature-range values"),
     ({"use_checkpoint_opt_param_scheduler": True, "override_opt_param_scheduler": True}, "mutually exclusive"),
     ({"tag": "a/b"}, "--tag"),
