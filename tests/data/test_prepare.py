@@ -66,7 +66,8 @@ def test_no_preparation_option_is_byte_identical_to_preprocess_data(sample_dir, 
     assert res.preprocess is not None and res.stats is None
     preprocess(replace(c.preprocess, output_prefix=str(tmp_path / "today")), log=None)
     for ext in (".bin", ".idx"):
-        assert (tmp_path / f"prep_text_document{ext}").read_bytes() == (tmp_path / f"today_text_document{ext}").read_bytes()
+        today = (tmp_path / f"today_text_document{ext}").read_bytes()
+        assert (tmp_path / f"prep_text_document{ext}").read_bytes() == today
 
 
 def test_dedup_with_nothing_to_drop_gives_todays_tokens(sample_dir, tmp_path):
@@ -87,7 +88,8 @@ def test_dedup_catches_injected_duplicate_document_and_repeated_paragraph(sample
                   log=None)
     base = prepare(config(sample_dir, [first], tmp_path / "base", dedup="paragraph", dedup_table=table), log=None)
     s = res.stats
-    assert s["dropped"]["exact_duplicate"] == base.stats["dropped"]["exact_duplicate"] + 1
+    reason = "probable_duplicate" if table == "bloom" else "exact_duplicate"  # a Bloom hit may be a false positive
+    assert s["dropped"][reason] == base.stats["dropped"][reason] + 1
     assert s["paragraphs_removed"] == base.stats["paragraphs_removed"] + 1  # the sample repeats a few itself
     assert s["kept"] == base.stats["kept"] + 1
     from megatron_ext.data.tokenizers import build_tokenizer
@@ -159,7 +161,7 @@ def test_shards_concatenated_equal_one_unsharded_output(sample_dir, tmp_path):
                   log=None)
     shards = res.stats["splits"]["all"]["shards"]
     assert len(shards) >= 5 and all(s["tokens"] >= 40_000 for s in shards[:-1])
-    joined = [d for s in shards for d in documents(s["prefix"])]
+    joined = [d for prefix in res.datasets["all"] for d in documents(prefix)]
     assert joined == documents(tmp_path / "whole_text_document")
 
 
@@ -174,9 +176,10 @@ def test_printed_blend_string_loads_in_the_dataset_builder(sample_dir, tmp_path,
                "--output-prefix", str(tmp_path / "c"), "--dedup", "exact", "--val-fraction", "0.1",
                "--tokens-per-shard", "60000"])
     assert rc == 0
-    err = capsys.readouterr().err
-    blend = next(line for line in err.splitlines() if line.startswith("train blend")).split(": ", 1)[1]
-    assert len(blend.split()) >= 8
+    out = capsys.readouterr().out.splitlines()  # stdout: the train blend, then the val blend, nothing else
+    assert len(out) == 2
+    blend = out[0]
+    assert len(blend.split()) >= 8 and all("_train_" in p for p in blend.split()[1::2])
     train, _, _ = build_gpt_datasets(GPTDatasetConfig(sequence_length=128, eod_token_id=2), blend, "100,0,0",
                                      [64, 0, 0])
     sample = train[5]
@@ -211,9 +214,11 @@ def test_stats_add_up(sample_dir, plays, tempest, tmp_path):
     assert s["documents_in"] == len(records) == s["kept"] + sum(s["dropped"].values())
     assert s["dropped"]["empty"] == 1 and s["dropped"]["min_words"] == 1
     assert s["dropped"]["max_non_alnum_fraction"] == 1 and s["dropped"]["exact_duplicate"] == 1
-    for split in s["splits"].values():
+    for name, split in s["splits"].items():
         assert split["tokens"] == sum(sh["tokens"] for sh in split["shards"])
-        assert split["documents"] == sum(IndexedDataset(sh["prefix"]).document_count for sh in split["shards"])
+        assert split["documents"] == sum(IndexedDataset(tmp_path / sh["prefix"]).document_count
+                                         for sh in split["shards"])
+        assert res.datasets[name] == [str(tmp_path / sh["prefix"]) for sh in split["shards"]]
     assert s["kept"] == sum(split["documents"] for split in s["splits"].values())
     assert "train:" in res.summary and "dropped:" in res.summary
 
@@ -247,8 +252,9 @@ def test_bad_line_names_file_and_line_and_leaves_nothing(sample_dir, plays, tmp_
 
 def test_cli_contradicting_options_exit_2_with_one_line(sample_dir, tmp_path):
     res = subprocess.run([sys.executable, str(TOOL), "--input", str(sample_dir / "shakespeare_train.jsonl"),
-                          "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(sample_dir / "tokenizer.model"),
-                          "--output-prefix", str(tmp_path / "o"), "--val-fraction", "0.1", "--val-docs", "5"],
+                          "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+                          str(sample_dir / "tokenizer.model"), "--output-prefix", str(tmp_path / "o"),
+                          "--val-fraction", "0.1", "--val-docs", "5"],
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "--val-fraction and --val-docs" in res.stderr
@@ -281,3 +287,154 @@ def test_data_layer_imports_no_torch():
     code = ("import sys, megatron_ext.data.prepare; "
             "bad = [m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def load_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_dataset", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def tool_args(sample_dir, *args):
+    return ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(sample_dir / "tokenizer.model"),
+            "--append-eod", "--workers", "2", *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def unique_lines(plays):
+    """The distinct lines of the plays, each a short document of its own."""
+    return list(dict.fromkeys(line.strip() for p in plays for line in p["text"].splitlines() if line.strip()))
+
+
+def test_overfilled_bloom_filter_fails_before_publishing(sample_dir, unique_lines, tmp_path):
+    src = write_jsonl(tmp_path / "lines.jsonl", [{"text": t} for t in unique_lines[:3000]])
+    with pytest.raises(PrepareError, match=r"--dedup-expected-items 1,000: the Bloom filter already holds "
+                                           r"[\d,]+ entries"):
+        prepare(config(sample_dir, [src], tmp_path / "o", dedup="exact", dedup_table="bloom",
+                       dedup_expected_items=1000, tokens_per_shard=10_000), log=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["lines.jsonl"]
+    # sized for the corpus, every unique line is kept; what a Bloom filter drops is a probable duplicate
+    src = write_jsonl(tmp_path / "lines.jsonl", [{"text": t} for t in unique_lines[:3000] + unique_lines[:5]])
+    res = prepare(config(sample_dir, [src], tmp_path / "o", dedup="exact", dedup_table="bloom",
+                         dedup_expected_items=3000), log=None)
+    assert res.stats["kept"] == 3000 and res.stats["dropped"]["probable_duplicate"] == 5
+    assert res.stats["dropped"]["exact_duplicate"] == 0
+
+
+@pytest.mark.parametrize("case", ["empty file", "all filtered", "val-docs takes all", "val-fraction takes none"])
+def test_empty_result_is_refused_and_nothing_is_published(sample_dir, plays, tmp_path, case):
+    from megatron_ext.data.preprocess import EmptyInputError
+
+    src = write_jsonl(tmp_path / "a.jsonl", [] if case == "empty file" else plays[:20])
+    prep, error, message = {
+        "empty file": ({}, EmptyInputError, r"--input .*a\.jsonl: no tokens in 0 documents .*--allow-empty"),
+        "all filtered": (dict(min_words=100_000), EmptyInputError,
+                         r"no tokens in 20 documents \(dropped: min_words 20\)"),
+        "val-docs takes all": (dict(val_docs=20), PrepareError,
+                               r"--val-docs 20: the training split would be empty \(all 20 kept"),
+        "val-fraction takes none": (dict(val_fraction=0.001), PrepareError,
+                                    r"--val-fraction 0\.001: the validation split would be empty"),
+    }[case]
+    for shards in (None, 10_000):
+        with pytest.raises(error, match=message):
+            prepare(config(sample_dir, [src], tmp_path / "o", dedup="exact", tokens_per_shard=shards, **prep),
+                    log=None)
+        assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+    # --allow-empty writes it
+    res = prepare(replace(config(sample_dir, [src], tmp_path / "o", dedup="exact", **prep),
+                          preprocess=replace(config(sample_dir, [src], tmp_path / "o").preprocess, allow_empty=True)),
+                  log=None)
+    assert (tmp_path / "o_stats.json").exists() and 0 in [s["documents"] for s in res.stats["splits"].values()]
+
+
+def test_val_docs_more_than_the_documents_fails_after_the_first_pass(sample_dir, plays, tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", plays[:20])
+    with pytest.raises(PrepareError, match=r"--val-docs 50: the input has only 20 distinct documents"):
+        prepare(config(sample_dir, [src], tmp_path / "o", val_docs=50), log=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+
+
+def test_cli_refuses_an_empty_input_with_exit_2(sample_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    res = subprocess.run([sys.executable, str(TOOL), "--input", str(tmp_path / "empty.jsonl"),
+                          *tool_args(sample_dir, "--output-prefix", tmp_path / "o", "--normalize")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: --input ")
+    assert "no tokens" in res.stderr and res.stderr.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.jsonl"]
+
+
+def test_append_from_another_directory_prints_a_blend_that_resolves(sample_dir, plays, tmp_path, monkeypatch, capsys):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "a.jsonl", plays[:150])
+    write_jsonl(tmp_path / "data" / "b.jsonl", plays[150:])
+    tool = load_tool()
+    opts = ["--dedup", "exact", "--tokens-per-shard", "100000"]
+    monkeypatch.chdir(tmp_path)
+    assert tool.main(["--input", "a.jsonl", "--output-prefix", "data/c", *tool_args(sample_dir, *opts)]) == 0
+    first = capsys.readouterr().out.split()
+    assert first[1].startswith("data/c_00000")
+    monkeypatch.chdir(tmp_path / "data")
+    assert tool.main(["--input", "b.jsonl", "--output-prefix", "c", "--append", *tool_args(sample_dir, *opts)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1  # stdout: the blend only
+    blend = out[0].split()
+    prefixes = blend[1::2]
+    assert len(prefixes) > len(first) // 2 and prefixes[0] == "c_00000_text_document"
+    assert all(Path(p + ".bin").is_file() and Path(p + ".idx").is_file() for p in prefixes)
+    stats = json.loads(Path("c_stats.json").read_text())
+    assert [sh["prefix"] for sh in stats["splits"]["all"]["shards"]] == prefixes  # beside the stats file
+    assert sum(map(int, blend[0::2])) == stats["splits"]["all"]["tokens"]
+    assert stats["input_files"] == [str(tmp_path / "a.jsonl"), str(tmp_path / "data" / "b.jsonl")]
+
+
+def test_append_reads_stats_of_version_1(sample_dir, plays, tmp_path, monkeypatch):
+    """Version 1 stored prefixes as given on that run's command line, the table under one name."""
+    a = write_jsonl(tmp_path / "a.jsonl", plays[:100])
+    b = write_jsonl(tmp_path / "b.jsonl", plays[100:120] + [plays[0]])
+    opts = dict(dedup="exact", tokens_per_shard=100_000)
+    prepare(config(sample_dir, [a], tmp_path / "c", **opts), log=None)
+    stats = json.loads((tmp_path / "c_stats.json").read_text())
+    stats["version"] = 1
+    for s in [stats] + stats["runs"]:
+        for sh in s["splits"]["all"]["shards"]:
+            sh["prefix"] = "somewhere/else/" + sh["prefix"]
+    del stats["dedup_table"]["file"]
+    (tmp_path / "c_dedup_memory_00001.npy").rename(tmp_path / "c_dedup_memory.npy")
+    (tmp_path / "c_stats.json").write_text(json.dumps(stats))
+    res = prepare(config(sample_dir, [b], tmp_path / "c", append=True, **opts), log=None)
+    assert res.stats["version"] == 2 and res.stats["dropped"]["exact_duplicate"] == 1
+    assert all(Path(p + ".idx").exists() for p in res.datasets["all"])
+    assert not (tmp_path / "c_dedup_memory.npy").exists() and (tmp_path / "c_dedup_memory_00002.npy").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-paragraph-chars", "80"], "--min-paragraph-chars 80: only used by --dedup paragraph"),
+    (["--dedup", "exact", "--dedup-expected-items", "1000"], "--dedup-expected-items / --dedup-false-positive-rate"),
+    (["--dedup", "exact", "--dedup-false-positive-rate", "0.01"], "add --dedup-table bloom"),
+    (["--dedup", "exact", "--dedup-dir", "."], "--dedup-dir .: only the disk table has a working file"),
+    (["--unicode-form", "NFKC"], "--unicode-form needs --normalize"),
+    (["--seed", "7"], "--seed 7: only used by the split"),
+    (["--normalize", "--log-interval", "0"], "--log-interval 0: must be at least 1"),
+])
+def test_flags_without_their_mode_are_refused(sample_dir, tmp_path, capsys, flags, message):
+    rc = load_tool().main(["--input", str(sample_dir / "shakespeare_train.jsonl"), "--output-prefix",
+                           str(tmp_path / "o"), *tool_args(sample_dir, *flags)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_log_interval_logs_progress_lines(sample_dir, tmp_path):
+    logged = []
+    prepare(config(sample_dir, [str(sample_dir / "shakespeare_train.jsonl")], tmp_path / "o", normalize=True,
+                   log_interval=100), log=logged.append)
+    progress = [m for m in logged if m.startswith("Processed ")]
+    assert len(progress) >= 3 and progress[0].startswith("Processed ") and "tokens" in progress[0]
+    logged.clear()
+    prepare(config(sample_dir, [str(sample_dir / "shakespeare_train.jsonl")], tmp_path / "p", normalize=True),
+            log=logged.append)
+    assert not any(m.startswith("Processed ") for m in logged)

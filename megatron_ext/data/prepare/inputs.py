@@ -186,7 +186,8 @@ def _text_docs(f: InputFile, per: str, block_bytes: int, done: int) -> Iterator[
             docs = _paragraphs(f.path, first_line, lines, open_paragraph)
         yield RawBlock(f.path, first_line, docs=docs, bytes_done=bytes_done)
     if open_paragraph:
-        yield RawBlock(f.path, open_paragraph[0], docs=[(f"{f.path}:{open_paragraph[0]}", b"\n".join(open_paragraph[1:]))],
+        where = f"{f.path}:{open_paragraph[0]}"
+        yield RawBlock(f.path, open_paragraph[0], docs=[(where, b"\n".join(open_paragraph[1:]))],
                        bytes_done=done + f.size)
 
 

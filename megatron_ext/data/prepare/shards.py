@@ -7,16 +7,26 @@ builder and finalized into a staging directory beside the outputs; only when the
 has succeeded are the files moved to their final names (``.bin`` first, ``.idx`` last), so
 nothing half-written ever sits under a final name, and a failed ``--append`` leaves the old
 shards and stats as they were.
+
+The staging directory is a locked work directory, ``.<prefix>-staging.tmp-<random>``
+(:class:`~megatron_ext.data.indexed_dataset.WorkDirectory`): when a run is killed, the next
+run of the same prefix (or ``tools/check_dataset.py`` on one of its datasets) removes it,
+and never removes one whose run is alive.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_ext.data.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
+from megatron_ext.data.indexed_dataset import (
+    MANIFEST_SUFFIX,
+    IndexedDatasetBuilder,
+    WorkDirectory,
+    data_file_path,
+    index_file_path,
+)
 from megatron_ext.data.preprocess import output_prefix_for_key
 
 
@@ -32,17 +42,28 @@ def dataset_prefix(output_prefix: str, key: str, split: Optional[str], shard: Op
     return output_prefix_for_key(stem, key)
 
 
+DATASET_SUFFIXES = (".bin", ".idx", MANIFEST_SUFFIX)
+
+
+def shard_pattern(output_prefix: str, key: str) -> "re.Pattern":
+    """Matches the file names of this output prefix's shards; groups: split (or None), number."""
+    stem = re.escape(os.path.basename(output_prefix))
+    suffixes = "|".join(re.escape(s) for s in DATASET_SUFFIXES)
+    return re.compile(rf"{stem}(?:_(train|val))?_(\d{{5,}})_{re.escape(key)}_document(?:{suffixes})")
+
+
 def blend_string(shards: list) -> str:
     """``"w0 prefix0 w1 prefix1 ..."`` weighted by tokens, for ``--data-path``."""
     return " ".join(f"{s.tokens} {s.prefix}" for s in shards if s.tokens > 0)
 
 
 class Staging:
-    """A hidden directory beside the outputs where finished datasets wait for the end of the run."""
+    """A hidden, locked directory beside the outputs where finished files wait for the end of the run."""
 
     def __init__(self, output_prefix: str) -> None:
-        directory = os.path.dirname(os.path.abspath(output_prefix))
-        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}-staging-", dir=directory)
+        self.directory = os.path.dirname(os.path.abspath(output_prefix))
+        self.work = WorkDirectory(output_prefix, "staging")
+        self.path = self.work.path
 
     def file_for(self, final_path: str) -> str:
         return os.path.join(self.path, os.path.basename(final_path))
@@ -54,10 +75,14 @@ class Staging:
             names = [n for n in os.listdir(self.path) if n.startswith(base + ".")]
             names.sort(key=lambda n: (n.endswith(".idx"), not n.endswith(".bin"), n))
             for name in names:
-                os.replace(os.path.join(self.path, name), os.path.join(os.path.dirname(os.path.abspath(prefix)), name))
+                os.replace(os.path.join(self.path, name), os.path.join(self.directory, name))
+
+    def publish_file(self, final_path: str) -> None:
+        """Move one file (written at :meth:`file_for`) to its final name."""
+        os.replace(self.file_for(final_path), final_path)
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.work.close()
 
 
 class SplitWriter:

@@ -5,6 +5,11 @@ The counts add up: ``documents_in = kept + sum(dropped)``, where ``kept`` is the
 written to all splits and ``dropped`` holds one count per filter and per deduplication
 reason. Bad lines and blank lines are not documents and are counted apart. With
 ``--append`` each run is recorded under ``runs`` and the totals are summed.
+
+Dataset prefixes (``splits.*.shards[].prefix``) and the deduplication table
+(``dedup_table.file``) are file names relative to the stats file's directory, where the
+outputs are, so runs started from different working directories agree;
+:func:`resolve_prefix` turns one into a path for ``--data-path``. Input files are absolute.
 """
 from __future__ import annotations
 
@@ -17,21 +22,42 @@ from typing import Optional, TextIO
 
 from megatron_ext.data.prepare.filters import REASONS
 
-DROP_REASONS = REASONS + ("exact_duplicate", "all_paragraphs_duplicate")
-STATS_VERSION = 1
+DROP_REASONS = REASONS + ("exact_duplicate", "probable_duplicate", "all_paragraphs_duplicate")
+STATS_VERSION = 2  # 1: prefixes as given on the command line (relative to that run's working directory)
 
 
 def stats_path(output_prefix: str) -> str:
     return f"{output_prefix}_stats.json"
 
 
+def resolve_prefix(output_prefix: str, name: str) -> str:
+    """A dataset named in the stats, as a path from here (beside ``output_prefix``)."""
+    return os.path.join(os.path.dirname(output_prefix), name)
+
+
+def upgrade(stats: dict) -> dict:
+    """Stats of an earlier version in this version's shape (in place)."""
+    if stats.get("version", 1) < 2:
+        for run in stats.get("runs", []) + [stats]:
+            for split in run.get("splits", {}).values():
+                for shard in split.get("shards", []):
+                    shard["prefix"] = os.path.basename(shard["prefix"])
+        table = stats.get("dedup_table") or {}
+        if table.get("table") == "bloom":
+            stats.setdefault("options", {}).update(dedup_expected_items=table.get("expected_items"),
+                                                   dedup_false_positive_rate=table.get("false_positive_rate"))
+        stats["version"] = STATS_VERSION
+    return stats
+
+
 def run_record(counts: Counter, splits: dict, files: list, seconds: float) -> dict:
     """One run's counts in the stats' shape; ``splits`` maps split name -> list of Shard."""
     dropped = {r: int(counts.get("dropped_" + r, 0)) for r in DROP_REASONS}
     out_splits = {name: {"documents": sum(s.documents for s in shards), "tokens": sum(s.tokens for s in shards),
-                         "shards": [vars(s).copy() for s in shards]} for name, shards in splits.items()}
+                         "shards": [{**vars(s), "prefix": os.path.basename(s.prefix)} for s in shards]}
+                  for name, shards in splits.items()}
     return {
-        "input_files": files,
+        "input_files": [os.path.abspath(f) for f in files],
         "documents_in": int(counts["documents_in"]),
         "characters_in": int(counts["characters_in"]),
         "bytes_in": int(counts["bytes_in"]),
@@ -50,7 +76,7 @@ def merge_runs(previous: Optional[dict], run: dict, header: dict) -> dict:
     runs = (previous or {}).get("runs", []) + [run]
     total = {k: sum(r[k] for r in runs) for k in ("documents_in", "characters_in", "bytes_in", "bad_lines",
                                                    "blank_lines", "paragraphs_removed", "kept", "seconds")}
-    total["dropped"] = {r: sum(x["dropped"][r] for x in runs) for r in DROP_REASONS}
+    total["dropped"] = {r: sum(x["dropped"].get(r, 0) for x in runs) for r in DROP_REASONS}
     total["input_files"] = [f for x in runs for f in x["input_files"]]
     splits: dict = {}
     for x in runs:
@@ -65,13 +91,18 @@ def merge_runs(previous: Optional[dict], run: dict, header: dict) -> dict:
 
 def write_json_atomic(path: str, obj: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
-def summary(stats: dict, run: dict, blends: dict) -> str:
+def summary(stats: dict, run: dict) -> str:
     """The one-screen summary of this run (and the totals when appending)."""
     mb = run["bytes_in"] / 1e6
     lines = [f"Prepared {len(run['input_files'])} files, {mb:,.1f} MB, {run['documents_in']:,} documents, "
@@ -92,8 +123,6 @@ def summary(stats: dict, run: dict, blends: dict) -> str:
     if table:
         lines.append("  dedup table: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in table.items()))
-    for name, blend in blends.items():
-        lines.append(f"{name} blend (--data-path): {blend}")
     return "\n".join(lines)
 
 
