@@ -98,7 +98,10 @@ def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py"
     g.add_argument("--split", default="969, 30, 1", help="train, valid, test shares (default '969, 30, 1')")
     g.add_argument("--data-cache-path", help="directory for the sample index cache")
     g.add_argument("--eval-data-path", nargs="+",
-                   help="a second held-out set (prefix or blend), evaluated beside the validation split")
+                   help="held-out sets evaluated beside the validation split at every evaluation: NAME=PREFIX "
+                        "entries name one set each (e.g. domain=PATH general=PATH; reported and logged as "
+                        "NAME), or one unnamed prefix or blend ('W1 PREFIX1 W2 PREFIX2 ...') is the set "
+                        "eval_data. A named set is one prefix, not a blend")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", help="tokenizer model file or directory (default: the one in --load)")
     g.add_argument("--legacy-tokenizer", action="store_true")
@@ -328,7 +331,13 @@ def check_args(args: argparse.Namespace, needs_data: bool = True) -> None:
     if args.data_path is not None:
         args.data_path = " ".join(args.data_path)
     if args.eval_data_path is not None:
+        from megatron_ext.training.data import DataError, eval_sets
+
         args.eval_data_path = " ".join(args.eval_data_path)
+        try:
+            eval_sets(args.eval_data_path)
+        except DataError as e:
+            raise ArgsError(str(e)) from None
     if needs_data:
         _require(args.tokenizer_type is not None or args.load is not None,
                  "--tokenizer-type is required (or --load a checkpoint that carries its tokenizer)")

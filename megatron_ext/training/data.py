@@ -41,7 +41,8 @@ class Datasets:
 
 def eval_sets(eval_data_path: Optional[str]) -> List[Tuple[str, str]]:
     """``(name, blend)`` of each ``--eval-data-path`` set: ``NAME=PREFIX`` entries name one
-    set each; otherwise the whole value is one blend called ``eval_data``."""
+    set each (one prefix, not a blend); otherwise the whole value is one prefix or blend
+    called ``eval_data``."""
     if eval_data_path is None:
         return []
     entries = eval_data_path.split()
@@ -49,18 +50,30 @@ def eval_sets(eval_data_path: Optional[str]) -> List[Tuple[str, str]]:
     if not any(named):
         return [("eval_data", eval_data_path)]
     if not all(named):
-        raise DataError(f"--eval-data-path {eval_data_path!r}: give every set as NAME=PREFIX, or one blend "
+        raise DataError(f"--eval-data-path {eval_data_path!r}: a named set is one prefix (NAME=PREFIX), not a "
+                        "blend; give every set as NAME=PREFIX, or one blend ('W1 PREFIX1 W2 PREFIX2 ...') "
                         "without names")
     sets = []
     for e in entries:
         name, prefix = e.split("=", 1)
         if not name or not prefix:
             raise DataError(f"--eval-data-path {e!r}: expected NAME=PREFIX")
+        if _is_number(prefix):
+            raise DataError(f"--eval-data-path {e!r}: {prefix} is a blend weight, but a named set is one prefix "
+                            "(NAME=PREFIX), not a blend")
         if name in ("valid", "test") or name in {n for n, _ in sets}:
             raise DataError(f"--eval-data-path {e!r}: the name {name!r} is "
                             + ("reserved" if name in ("valid", "test") else "given twice"))
         sets.append((name, prefix))
     return sets
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def sample_counts(train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int) -> List[int]:

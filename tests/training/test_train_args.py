@@ -71,6 +71,9 @@ def test_aliases_and_defaults(make_argv):
     ({"lr": None}, "--lr is required"),
     ({"data_path": None}, "--data-path is required"),          # the trainer's; plot_schedule needs no data
     ({"tokenizer_model": None}, "--tokenizer-model is required"),
+    ({"eval_data_path": ["domain=0.5", "a", "0.5", "b"]}, "a named set is one prefix (NAME=PREFIX), not a blend"),
+    ({"eval_data_path": ["domain=0.5"]}, "0.5 is a blend weight, but a named set is one prefix"),
+    ({"eval_data_path": ["valid=x"]}, "the name 'valid' is reserved"),
     ({"gumbel_temperature_range": [4, 0], "mask_only": True}, "--gumbel-temperature-range values"),
     ({"use_checkpoint_opt_param_scheduler": True, "override_opt_param_scheduler": True}, "mutually exclusive"),
     ({"tag": "a/b"}, "--tag"),
@@ -171,3 +174,11 @@ def test_unwritable_outputs_fail_before_the_model_is_built(make_argv, tmp_path):
     for flag in ("save", "tensorboard_dir", "data_cache_path"):
         with pytest.raises(ArgsError, match=f"--{flag.replace('_', '-')} .*not a directory"):
             pretrain(make_argv(**{flag: str(not_a_dir)}, log_dir=str(tmp_path / "logs")))
+
+
+def test_eval_data_path_help_documents_named_sets_and_blends():
+    from megatron_ext.train import build_parser
+
+    (action,) = [a for a in build_parser()._actions if "--eval-data-path" in a.option_strings]
+    assert "NAME=PREFIX" in action.help and "eval_data" in action.help
+    assert "A named set is one prefix, not a blend" in action.help
