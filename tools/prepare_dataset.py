@@ -75,7 +75,8 @@ def build_parser():
     g.add_argument("--min-paragraph-chars", type=int, default=MIN_PARAGRAPH_CHARS,
                    help=f"--dedup paragraph: shorter paragraphs are never removed (default {MIN_PARAGRAPH_CHARS}).")
     g.add_argument("--dedup-table", choices=TABLES, default="memory",
-                   help="memory: exact 64-bit table, 16-32 MB per million documents or paragraphs; bloom: fixed "
+                   help="memory: exact 64-bit table, 16-32 MB per million documents or paragraphs (48 while it "
+                        "doubles); bloom: fixed "
                         "size for --dedup-expected-items at --dedup-false-positive-rate (3.6 MB per million at 1e-6); "
                         "disk: SQLite file, 32 MB of memory whatever the corpus, slower.")
     g.add_argument("--dedup-expected-items", type=int, default=DEDUP_EXPECTED_ITEMS,
