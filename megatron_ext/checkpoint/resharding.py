@@ -15,19 +15,26 @@ import torch
 
 from megatron_ext.checkpoint.layout import CheckpointError, is_extra_state
 from megatron_ext.models.config import ConfigError, LlamaConfig
+from megatron_ext.models.spec import LINEAR_PATHS
 
 # --------------------------------------------------------------------------- partitioning
 # How each module's tensors are split over TP ranks. Rules are looked up by the module
 # path (the key without its last component) so any tensor a module owns (a weight, a
 # sparsity mask of the same layout) is resharded the same way.
 VOCAB, COLUMN, GATED, ROW, REPLICATED = "vocab", "column", "gated", "row", "replicated"
+
+
+def _in_layer(path: str) -> re.Pattern:
+    return re.compile(r"^decoder\.layers\.\d+\." + re.escape(path) + "$")
+
+
 _RULES = (
     (re.compile(r"^embedding\.word_embeddings$"), VOCAB),
     (re.compile(r"^output_layer$"), VOCAB),
-    (re.compile(r"^decoder\.layers\.\d+\.self_attention\.linear_qkv$"), COLUMN),
-    (re.compile(r"^decoder\.layers\.\d+\.self_attention\.linear_proj$"), ROW),
-    (re.compile(r"^decoder\.layers\.\d+\.mlp\.linear_fc1$"), GATED),
-    (re.compile(r"^decoder\.layers\.\d+\.mlp\.linear_fc2$"), ROW),
+    (_in_layer(LINEAR_PATHS["linear_qkv"]), COLUMN),
+    (_in_layer(LINEAR_PATHS["linear_proj"]), ROW),
+    (_in_layer(LINEAR_PATHS["linear_fc1"]), GATED),
+    (_in_layer(LINEAR_PATHS["linear_fc2"]), ROW),
     (re.compile(r"^decoder\.layers\.\d+\.(input_layernorm|pre_mlp_layernorm)$"), REPLICATED),
     (re.compile(r"^decoder\.final_layernorm$"), REPLICATED),
 )

@@ -27,8 +27,13 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_ext.models.attention import SDPAttention
 
-LINEAR_NAMES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-_DEFAULT_LINEARS = {
+# The linear slots of a layer by layer-spec name, and each one's module path inside the layer
+# (state-dict keys ``decoder.layers.<i>.<path>.weight``): checkpoints, resharding and the
+# sparsity code take the names from here.
+LINEAR_PATHS = {"linear_qkv": "self_attention.linear_qkv", "linear_proj": "self_attention.linear_proj",
+                "linear_fc1": "mlp.linear_fc1", "linear_fc2": "mlp.linear_fc2"}
+LINEAR_NAMES = tuple(LINEAR_PATHS)
+DEFAULT_LINEARS = {  # column-parallel (output split) or row-parallel (input split)
     "linear_qkv": ColumnParallelLinear,
     "linear_proj": RowParallelLinear,
     "linear_fc1": ColumnParallelLinear,
@@ -51,7 +56,7 @@ def llama_layer_spec(linear_overrides: Optional[Mapping[str, Buildable]] = None,
     unknown = sorted(set(overrides) - set(LINEAR_NAMES))
     if unknown:
         raise ValueError(f"unknown linear override(s) {unknown}; expected some of {list(LINEAR_NAMES)}")
-    linears = {**_DEFAULT_LINEARS, **overrides}
+    linears = {**DEFAULT_LINEARS, **overrides}
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -41,21 +41,22 @@ from megatron_ext.checkpoint import (
     merge_tp,
     save_checkpoint,
 )
-from megatron_ext.checkpoint import CONFIG_NAME, load_hf_state_dict, save_hf_checkpoint
+from megatron_ext.checkpoint import (CONFIG_NAME, HARD_MASK_SUFFIX, LOGITS_SUFFIX, MASK_SUFFIXES, load_hf_state_dict,
+                                     save_hf_checkpoint)
+from megatron_ext.models.spec import LINEAR_PATHS
 from megatron_ext.sparsity import nm
-from megatron_ext.sparsity.masks import HARD_MASK_SUFFIX, LOGITS_SUFFIX, extract_hard_masks
+from megatron_ext.sparsity.masks import extract_hard_masks
 
 FORMATS = ("hf", "masks", "megatron")
 PACKED_FORMAT = "megatron_ext.packed_nm_masks"
 PACKED_VERSION = 1
 PACKED_FILE = "masks.npz"
 
-MCORE_MASKED = re.compile(r"^decoder\.layers\.(\d+)\.(self_attention\.linear_qkv|self_attention\.linear_proj|"
-                          r"mlp\.linear_fc1|mlp\.linear_fc2)\.weight$")
+MCORE_MASKED = re.compile(r"^decoder\.layers\.(\d+)\.(" + "|".join(map(re.escape, LINEAR_PATHS.values()))
+                          + r")\.weight$")
 HF_MASKED = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.q_proj|self_attn\.k_proj|self_attn\.v_proj|"
                        r"self_attn\.o_proj|mlp\.gate_proj|mlp\.up_proj|mlp\.down_proj)\.weight$")
-_ORDER = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
-          "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+_ORDER = (*LINEAR_PATHS.values(), "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
@@ -71,7 +72,7 @@ def bake_masks(state_dict: Mapping[str, torch.Tensor], N: Optional[int] = None,
     """(state dict with every masked weight multiplied by its hard mask, one bool
     ``<layer>.hard_mask`` per layer and no logits; ``{layer: mask}``)."""
     masks = extract_hard_masks(state_dict, N, M)
-    out = {k: v for k, v in state_dict.items() if not k.endswith((LOGITS_SUFFIX, HARD_MASK_SUFFIX))}
+    out = {k: v for k, v in state_dict.items() if not k.endswith(MASK_SUFFIXES)}
     for prefix, mask in masks.items():
         key = prefix + ".weight"
         if key not in out:
@@ -267,7 +268,7 @@ def export_sparse(load: str | os.PathLike, save: str | os.PathLike, fmt: str, *,
             raise ExportError(f"{save / PACKED_FILE}: exists (pass overwrite to replace it)")
     info, sds = load_checkpoint(load)
     cfg = info.config
-    if not any(k.endswith((LOGITS_SUFFIX, HARD_MASK_SUFFIX)) for k in sds[0]):
+    if not any(k.endswith(MASK_SUFFIXES) for k in sds[0]):
         raise ExportError(f"{info.iter_dir}: no mask_logits or hard_mask tensors to export")
     N, M = _resolve_nm(N, M, info.extra)
     if N is None or M is None:
@@ -282,7 +283,7 @@ def export_sparse(load: str | os.PathLike, save: str | os.PathLike, fmt: str, *,
             raise ExportError(f"{info.shard_path(rank)}: no mask_logits or hard_mask tensors to export")
         baked.append(b)
         rank_masks.append(masks)
-    expected = [f"decoder.layers.{i}.{name}" for i in range(cfg.num_layers) for name in _ORDER[:4]]
+    expected = [f"decoder.layers.{i}.{name}" for i in range(cfg.num_layers) for name in LINEAR_PATHS.values()]
     for rank, masks in enumerate(rank_masks):
         missing = [p for p in expected if p not in masks]
         if missing:
@@ -312,7 +313,7 @@ def export_sparse(load: str | os.PathLike, save: str | os.PathLike, fmt: str, *,
 
 
 def _layer_key(name: str) -> tuple:
-    m = re.search(r"layers\.(\d+)\.(.+?)(?:\.weight|\.hard_mask)?$", name)
+    m = re.search(r"layers\.(\d+)\.(.+?)(?:\.weight|" + re.escape(HARD_MASK_SUFFIX) + r")?$", name)
     if not m:
         return (1 << 30, name)
     sub = m.group(2)

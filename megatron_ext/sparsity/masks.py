@@ -14,10 +14,8 @@ from typing import Dict, Mapping, Optional, Union
 
 import torch
 
+from megatron_ext.checkpoint import HARD_MASK_SUFFIX, LOGITS_SUFFIX, MASK_SUFFIXES
 from megatron_ext.sparsity.nm import candidates, infer_n, masks_from_choice
-
-LOGITS_SUFFIX = ".mask_logits"
-HARD_MASK_SUFFIX = ".hard_mask"
 
 
 def _layer_nm(prefix: str, logits: torch.Tensor, state_dict: Mapping[str, torch.Tensor],
@@ -48,7 +46,7 @@ def extract_hard_masks(state_dict: Mapping[str, torch.Tensor], N: Optional[int] 
     ``M`` defaults to what the layer's weight and logits shapes imply and ``N`` to
     the one pattern with that many candidates (pass ``N`` when two fit, e.g. 1:4 and 3:4).
     """
-    prefixes = sorted({k[: -len(suffix)] for k in state_dict for suffix in (LOGITS_SUFFIX, HARD_MASK_SUFFIX)
+    prefixes = sorted({k[: -len(suffix)] for k in state_dict for suffix in MASK_SUFFIXES
                        if k.endswith(suffix)})
     out: Dict[str, torch.Tensor] = {}
     for prefix in prefixes:

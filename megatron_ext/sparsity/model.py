@@ -9,19 +9,19 @@ from megatron.core import parallel_state
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from megatron_ext.checkpoint import LOGITS_SUFFIX
 from megatron_ext.models.build import build_model
 from megatron_ext.models.config import LlamaConfig
+from megatron_ext.models.spec import DEFAULT_LINEARS
 from megatron_ext.sparsity.layers import (MaskedColumnParallelLinear, MaskedRowParallelLinear, _MaskedLinearMixin,
                                           finish_layers)
 from megatron_ext.sparsity.state import SparsityState
 
-MASKED_SLOTS = {
-    "linear_qkv": MaskedColumnParallelLinear,
-    "linear_proj": MaskedRowParallelLinear,
-    "linear_fc1": MaskedColumnParallelLinear,
-    "linear_fc2": MaskedRowParallelLinear,
-}
-LOGITS_SUFFIX = "mask_logits"
+# every linear slot of the layer spec, masked the way it is split (column- or row-parallel)
+_MASKED = {ColumnParallelLinear: MaskedColumnParallelLinear, RowParallelLinear: MaskedRowParallelLinear}
+MASKED_SLOTS = {slot: _MASKED[cls] for slot, cls in DEFAULT_LINEARS.items()}
 
 
 def masked_linears(model: torch.nn.Module) -> List[Tuple[str, _MaskedLinearMixin]]:

@@ -49,20 +49,22 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 
+from megatron_ext.checkpoint import HARD_MASK_SUFFIX
 from megatron_ext.errors import InputError
 from megatron_ext import platform
+from megatron_ext.models.spec import DEFAULT_LINEARS, LINEAR_PATHS
 from megatron_ext.sparsity import nm
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-MASKED_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-ROW_PARALLEL = ("self_attention.linear_proj", "mlp.linear_fc2")
-MASK_SUFFIXES = (".hard_mask", ".mask_logits")
+MASKED_LINEARS = tuple(LINEAR_PATHS.values())   # module paths in a layer
+ROW_PARALLEL = tuple(LINEAR_PATHS[s] for s, cls in DEFAULT_LINEARS.items() if cls is RowParallelLinear)
 
 
 class OneShotError(InputError):
@@ -484,11 +486,6 @@ class PruneResult:
     info: dict = field(default_factory=dict)
 
 
-def strip_mask_entries(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict without sparsity entries (``*.hard_mask``, ``*.mask_logits``)."""
-    return {k: v for k, v in sd.items() if not k.endswith(MASK_SUFFIXES)}
-
-
 def _gather_rank_state_dicts(sd: dict[str, torch.Tensor]) -> Optional[list[dict[str, torch.Tensor]]]:
     """Every TP rank's state dict on the first rank of the first TP group (None elsewhere).
 
@@ -532,7 +529,7 @@ def prune_checkpoint(load: str | os.PathLike, save: Optional[str | os.PathLike],
     from megatron_ext.models.build import build_model
     from megatron_ext.checkpoint import (iteration_dir_name, load_into_model, model_state_dict,
                                                 save_checkpoint)
-    from megatron_ext.checkpoint import parse_dtype
+    from megatron_ext.checkpoint import parse_dtype, strip_masks
     from megatron_ext.checkpoint.io import build_tokenizer_for, load_for_rank
 
     t0 = time.perf_counter()
@@ -555,13 +552,13 @@ def prune_checkpoint(load: str | os.PathLike, save: Optional[str | os.PathLike],
         windows = calibration_windows(src, num_samples, seq_length, seed=seed, tokenizer=tokenizer,
                                       vocab_size=cfg.vocab_size)
     model = build_model(cfg, parse_dtype(params_dtype))
-    load_into_model(model, strip_mask_entries(loaded.state_dict))
+    load_into_model(model, strip_masks(loaded.state_dict))
     tok_dir, tok_type = loaded.tokenizer_dir, loaded.tokenizer_type
     del loaded
     masks = prune_model(model, opts, windows, log=log)
     sd = model_state_dict(model)
     for prefix, mask in masks.items():
-        sd[f"{prefix}.hard_mask"] = mask.to(torch.bool)
+        sd[prefix + HARD_MASK_SUFFIX] = mask.to(torch.bool)
     info = {"sparsity": {"method": opts.method, "N": opts.N, "M": opts.M, "update_weight": opts.update_weight,
                          "calib_data": os.fspath(calib_data) if windows is not None else None,
                          "hessian_samples": num_samples if windows is not None else 0,
