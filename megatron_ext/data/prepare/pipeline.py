@@ -243,9 +243,9 @@ def _check_not_empty(config: PrepareConfig, files, run: dict, stats: dict) -> No
         shown = " ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
         dropped = ", ".join(f"{k} {v:,}" for k, v in run["dropped"].items() if v)
         raise EmptyInputError(
-            f"--input {shown}: no tokens in {run['documents_in']} documents"
+            f"--input {shown}: no tokens in {run['documents_in']:,} documents"
             + (f" (dropped: {dropped})" if dropped else "")
-            + f" ({run['blank_lines']} blank lines, {run['bad_lines']} bad lines skipped); nothing written "
+            + f" ({run['blank_lines']:,} blank lines, {run['bad_lines']:,} bad lines skipped); nothing written "
               f"(--allow-empty writes the empty dataset)")
     if not config.has_val:
         return
