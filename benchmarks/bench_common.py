@@ -101,9 +101,10 @@ def environment(world_size: int = 1) -> list[str]:
             f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}"]
 
 
-def emit(text: str, out: Optional[str]) -> None:
-    """Print ``text`` and, with ``out``, write it there (atomically)."""
-    print(text, flush=True)
+def emit(text: str, out: Optional[str], echo: bool = True) -> None:
+    """Print ``text`` (unless ``echo`` is False) and, with ``out``, write it there (atomically)."""
+    if echo:
+        print(text, flush=True)
     if out:
         from megatron_ext.checkpoint import atomic_write_text
 

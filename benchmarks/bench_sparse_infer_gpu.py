@@ -441,6 +441,7 @@ def main(argv=None) -> int:
             ok = False
             lines.append("model failed: " + traceback.format_exc())
             log(lines[-1])
+    emit("\n".join(lines), opts.out, echo=False)  # the tables so far are kept if the tool check is cut short
     lines += [""] + generate_tool_check("GPU")
     emit("\n".join(lines), opts.out)
     return 0 if ok else 1

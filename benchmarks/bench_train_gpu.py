@@ -255,7 +255,7 @@ PROFILE_RANGES = (("optimizer", "step", "AdamW step (+ fp32 -> bf16 copy)"),
 
 def _kernel_category(name: str) -> str:
     low = name.lower()
-    if "_forward_kernel" in low or "_backward_kernel" in low:
+    if name.startswith(("_forward_kernel", "_backward_kernel")):  # the Triton kernels of sparsity.fused_mask
         return "mask kernels (Triton)"
     if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "attn")):
         return "attention"
@@ -384,7 +384,20 @@ def profile_steps(run, opts) -> list[str]:
     if top:
         lines += ["", "| top kernels | GPU ms / step | category |", "|---|---|---|"]
         lines += [f"| `{k[:90]}` | {v / 1e3 / steps:.2f} | {_kernel_category(k)} |" for k, v in top]
+    # host calls that wait for the GPU (a synchronisation lets no host work overlap the GPU's)
+    waits = sorted(((e.key, e.count, e.cpu_time_total) for e in prof.key_averages() if _waits_for_gpu(e.key)),
+                   key=lambda r: -r[2])
+    if waits:
+        lines += ["", "| host calls that can wait for the GPU | calls / step | host ms / step |", "|---|---|---|"]
+        lines += [f"| `{k}` | {n / steps:g} | {t / 1e3 / steps:.1f} |" for k, n, t in waits]
     return lines
+
+
+def _waits_for_gpu(name: str) -> bool:
+    """CUDA runtime calls and aten ops that block the host until the GPU catches up."""
+    return name.startswith(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+                            "cudaMemcpy", "cudaMalloc", "cudaFree", "aten::_local_scalar_dense", "aten::item",
+                            "aten::nonzero", "aten::to", "aten::copy_"))
 
 
 def phase_times(run, steps: int) -> list[str]:
