@@ -14,8 +14,7 @@ from typing import Mapping, Sequence
 import torch
 
 from megatron_ext.checkpoint.layout import CheckpointError, is_extra_state
-from megatron_ext.models.config import ConfigError, LlamaConfig
-from megatron_ext.models.spec import LINEAR_PATHS
+from megatron_ext.models.config import LINEAR_PATHS, ConfigError, LlamaConfig
 
 # --------------------------------------------------------------------------- partitioning
 # How each module's tensors are split over TP ranks. Rules are looked up by the module

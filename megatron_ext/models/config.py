@@ -22,6 +22,13 @@ from megatron_ext.errors import InputError
 # RotaryEmbedding._apply_scaling, which GPTModel does not let us change); only the factor varies.
 LLAMA3_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
+# The linear slots of a layer by layer-spec name, and each one's module path inside the layer
+# (state-dict keys ``decoder.layers.<i>.<path>.weight``): the layer spec, checkpoints,
+# resharding and the sparsity code take the names from here.
+LINEAR_PATHS = {"linear_qkv": "self_attention.linear_qkv", "linear_proj": "self_attention.linear_proj",
+                "linear_fc1": "mlp.linear_fc1", "linear_fc2": "mlp.linear_fc2"}
+LINEAR_NAMES = tuple(LINEAR_PATHS)
+
 
 class ConfigError(InputError):
     """An invalid configuration or an impossible tensor-parallel size."""

@@ -26,19 +26,11 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_ext.models.attention import SDPAttention
+from megatron_ext.models.config import LINEAR_NAMES, LINEAR_PATHS  # noqa: F401  (re-exported)
 
-# The linear slots of a layer by layer-spec name, and each one's module path inside the layer
-# (state-dict keys ``decoder.layers.<i>.<path>.weight``): checkpoints, resharding and the
-# sparsity code take the names from here.
-LINEAR_PATHS = {"linear_qkv": "self_attention.linear_qkv", "linear_proj": "self_attention.linear_proj",
-                "linear_fc1": "mlp.linear_fc1", "linear_fc2": "mlp.linear_fc2"}
-LINEAR_NAMES = tuple(LINEAR_PATHS)
-DEFAULT_LINEARS = {  # column-parallel (output split) or row-parallel (input split)
-    "linear_qkv": ColumnParallelLinear,
-    "linear_proj": RowParallelLinear,
-    "linear_fc1": ColumnParallelLinear,
-    "linear_fc2": RowParallelLinear,
-}
+# each slot (qkv, proj, fc1, fc2) column-parallel (output split) or row-parallel (input split)
+DEFAULT_LINEARS = dict(zip(LINEAR_NAMES, (ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear,
+                                          RowParallelLinear)))
 
 Buildable = Union[ModuleSpec, type]
 

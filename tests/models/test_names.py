@@ -1,5 +1,7 @@
 """Names written once: the mask-key suffixes live in ``checkpoint/layout.py`` and the layer's
-linear slots (and their module paths) in ``models/spec.py``; every other module imports them.
+linear slots (and their module paths) in ``models/config.py`` (which needs neither torch nor
+megatron-core, so checkpoint code and the inference package can read them); every other module
+imports them.
 A module-level constant that spells one of them again (a tuple of paths, a regex over state-dict
 keys) is a second definition."""
 import ast
@@ -9,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_ext"
 # a mask key suffix, or any string naming a linear slot (a module path, a regex over keys)
 NAMES = re.compile(r"^\.?(mask_logits|hard_mask)$|linear_(qkv|proj|fc1|fc2)")
-HOMES = {"checkpoint/layout.py", "models/spec.py"}
+HOMES = {"checkpoint/layout.py", "models/config.py"}
 
 
 def _definitions(path: Path) -> list[tuple[int, str]]:
@@ -32,7 +34,7 @@ def test_mask_suffixes_and_layer_slots_are_defined_once():
     assert not elsewhere, f"defined again outside {sorted(HOMES)}: {sorted(elsewhere)}"
     homes = {str(p.relative_to(PACKAGE)): {n for _, n in _definitions(p)} for p in (PACKAGE / h for h in HOMES)}
     assert {"mask_logits", "hard_mask"} <= homes["checkpoint/layout.py"]
-    assert {"linear_qkv", "self_attention.linear_qkv", "mlp.linear_fc2"} <= homes["models/spec.py"]
+    assert {"linear_qkv", "self_attention.linear_qkv", "mlp.linear_fc2"} <= homes["models/config.py"]
 
 
 def test_the_one_definitions_are_what_the_modules_use():
