@@ -102,7 +102,7 @@ def _smollm2_layer0(gguf_path, text_path):
 
     def get(name):
         t = tensors[name]
-        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type))).float()
+        return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).float()  # a writable copy
 
     ids = tok.encode(Path(text_path).read_text(encoding="utf-8")[:60_000]).ids[:3000]
     emb = get("token_embd.weight")[torch.tensor(ids)]
