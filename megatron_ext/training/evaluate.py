@@ -20,9 +20,12 @@ def token_losses(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torc
 
 
 def masked_loss_sums(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the per-token losses over ``loss_mask``, number of such tokens)."""
+    """(sum of the per-token losses over ``loss_mask``, number of such tokens). The mask goes
+    to the device as the inputs do, without waiting: a blocking copy here would hold the host
+    until the GPU finished the forward, before it could queue the backward."""
+    mask = batch["loss_mask"].to(platform.device(), non_blocking=True)
     per_token = token_losses(model, batch)
-    mask = batch["loss_mask"].to(per_token.device, torch.float32)
+    mask = mask.to(torch.float32)
     return (per_token * mask).sum(), mask.sum()
 
 
