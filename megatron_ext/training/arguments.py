@@ -75,6 +75,10 @@ def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py"
     g.add_argument("--kv-channels", type=int, help="must equal hidden size / heads")
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--rotary-base", type=float)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="LLaMA-3.1's scaled rotary embedding (rope_type llama3; the llama3.1-8b model has it)")
+    g.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="its factor (default 8.0, LLaMA-3.1's); needs --use-rope-scaling")
     g.add_argument("--norm-epsilon", type=float)
     g.add_argument("--make-vocab-size-divisible-by", type=int)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -212,7 +216,8 @@ def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py"
 ARCH_FIELDS = (("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),
                ("ffn_hidden_size", "--ffn-hidden-size"), ("num_attention_heads", "--num-attention-heads"),
                ("num_query_groups", "--num-query-groups"), ("max_position_embeddings", "--max-position-embeddings"),
-               ("rotary_base", "--rotary-base"), ("norm_epsilon", "--norm-epsilon"),
+               ("rotary_base", "--rotary-base"), ("rope_scaling_factor", "--rope-scaling-factor"),
+               ("norm_epsilon", "--norm-epsilon"),
                ("make_vocab_size_divisible_by", "--make-vocab-size-divisible-by"))
 
 
@@ -301,6 +306,8 @@ def check_args(args: argparse.Namespace, needs_data: bool = True) -> None:
              f"--attention-dropout {args.attention_dropout} / --hidden-dropout {args.hidden_dropout}: "
              "our LLaMA models have no dropout (use 0.0)")
     _require(args.rotary_percent == 1.0, f"--rotary-percent {args.rotary_percent}: only 1.0 (LLaMA) is supported")
+    _require(args.rope_scaling_factor is None or args.use_rope_scaling,
+             f"--rope-scaling-factor {args.rope_scaling_factor} needs --use-rope-scaling")
     if args.lr_scaling is not None:
         _require(args.lr_base_batch_size is not None, f"--lr-scaling {args.lr_scaling} needs --lr-base-batch-size")
         _require(args.curriculum is None and args.step_batch_size_schedule is None,

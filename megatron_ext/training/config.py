@@ -39,6 +39,8 @@ class ModelConfig:
     kv_channels: Optional[int]
     max_position_embeddings: Optional[int]
     rotary_base: Optional[float]
+    use_rope_scaling: bool                    # LLaMA-3.1's rotary scaling (rope_scaling_factor, 8.0 by default)
+    rope_scaling_factor: Optional[float]
     norm_epsilon: Optional[float]
     make_vocab_size_divisible_by: Optional[int]
     untie_embeddings_and_output_weights: bool

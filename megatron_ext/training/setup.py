@@ -68,6 +68,8 @@ def resolve_model_config(args, tokenizer, ckpt: Optional[CheckpointInfo], *, seq
     overrides = {name: getattr(args, name) for name, _ in ARCH_FIELDS if getattr(args, name) is not None}
     if args.group_query_attention and args.num_query_groups is None:
         overrides["num_query_groups"] = 1
+    if args.use_rope_scaling and args.rope_scaling_factor is None:
+        overrides["rope_scaling_factor"] = 8.0  # Megatron-LM's default, LLaMA-3.1's factor
     if args.untie_embeddings_and_output_weights:
         overrides["tie_word_embeddings"] = False
     try:

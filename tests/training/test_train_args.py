@@ -103,6 +103,22 @@ def resolve_model_config(args, tok, ckpt):
                                  seq_length=args.seq_length, tp=tp, plugins=build_plugins(PLUGINS, args))
 
 
+def test_megatron_rope_scaling_flags_give_llama31_scaling(make_argv):
+    """Megatron-LM's --use-rope-scaling (factor 8 by default) and --rope-scaling-factor set the
+    model's rotary scaling; the factor alone is refused naming the switch it needs."""
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    def cfg(**flags):
+        args = parse_args(make_argv(**flags))
+        return resolve_model_config(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model), None)
+
+    assert cfg().rope_scaling_factor is None
+    assert cfg(use_rope_scaling=True).rope_scaling_factor == 8.0
+    assert cfg(use_rope_scaling=True, rope_scaling_factor=4.0).rope_scaling_factor == 4.0
+    with pytest.raises(ArgsError, match="--rope-scaling-factor 4.0 needs --use-rope-scaling"):
+        parse_args(make_argv(rope_scaling_factor=4.0))
+
+
 def test_tp_must_divide_the_heads(make_argv):
     """tiny has 4 heads and 2 query groups: TP=4 cannot shard it (a world of 4 would be needed
     anyway, so this runs the check that comes first on a world of one: TP 1 ok, the model check)."""
