@@ -17,7 +17,10 @@ from megatron_ext.data.blend import build_gpt_datasets
 from megatron_ext.data.gpt_dataset import GPTDatasetConfig
 from megatron_ext.data.indexed_dataset import IndexedDataset
 from megatron_ext.data.prepare import PrepareConfig, PrepareError, prepare
+from megatron_ext.data.prepare.clean import Cleaner
 from megatron_ext.data.prepare.dedup import BloomTable, DiskTable, MemoryTable, digest, digests_array
+from megatron_ext.data.prepare.filters import DocumentFilter
+from megatron_ext.data.prepare.inputs import RawBlock
 from megatron_ext.data.prepare.normalize import normalize_text
 from megatron_ext.data.prepare.stats import Progress
 from megatron_ext.data.preprocess import PreprocessConfig, PreprocessError, preprocess
@@ -291,6 +294,38 @@ def test_normalize_rules():
     assert normalize_text("a\x00b\x0bc\x0cd\x7f") == "ab c d"
     assert normalize_text("\ufeffe\u0301\u00a0\u2028z") == "\u00e9\nz"
     assert normalize_text("\ufb01 x") == "\ufb01 x" and normalize_text("\ufb01 x", "NFKC") == "fi x"
+
+
+def test_normalize_one_printable_line_as_the_general_rules():
+    """A printable line takes a shortcut; with a line break added it takes every step, and the
+    break is stripped again, so both must give the same text."""
+    lines = ["  plain ascii  ", "caf\u0065\u0301 \u00e9", "\ufb01 \uff21\u2474 \u00bd", "x\u00a0y \u3000",
+             "\u00a8\u0301 \u1e9b\u0323", "\u0130\u212b", "tab\tinside", "\u200bzero width"]
+    for line in lines:
+        for form in ("NFC", "NFKC"):
+            assert normalize_text(line, form) == normalize_text(line + "\n", form), (line, form)
+
+
+def test_cleaner_reads_json_lines_as_json_loads_does():
+    """The Cleaner's fast reading of a JSON line gives what the general rules (``json_lines``)
+    give: a line that is not UTF-8 sends the whole block to the general rules, so the two
+    readings of the same lines are compared."""
+    lines = [b'{"text": "plain"}', b'{"text": "crlf"}\r', b' {"text": "leading space"}', b'{"text": "x"} y',
+             '\ufeff{"text": "bom"}'.encode(), b"[1, 2]", b'"str"', b"3", b'{"other": 1}', b'{"text": null}',
+             b'{"text": ["a", "b"]}', b'{"text": "\\ud800 surrogate"}', b"", b"  \t", b"\x1c", "\u00a0".encode(),
+             b'{"text": "nan", "x": NaN}', b'{"text": "a", "text": "last wins"}', b'{"text": "a"}, {"text": "b"}',
+             b'{"text": "trailing space"}  \t ', b'{"text":"tight"}', b'{"text": "caf\\u00e9 \xc3\xa9"}',
+             b'{"text": "unterminated']
+    cleaner = Cleaner("text", "NFC", DocumentFilter(), False, 50, skip_bad_lines=True)
+    data = b"\n".join(lines) + b"\n"
+    fast = cleaner(RawBlock("f.jsonl", 1, jsonl=data))
+    general = cleaner(RawBlock("f.jsonl", 1, jsonl=data + b'{"text": "\xff"}\n'))
+    assert fast.texts == general.texts and fast.wheres == general.wheres and fast.data == general.data
+    assert np.array_equal(fast.digests, general.digests)
+    assert general.bad_messages[:-1] == fast.bad_messages and general.bad_messages[-1].startswith("f.jsonl:24: not")
+    general.counts["bad_lines"] -= 1
+    assert fast.counts == general.counts
+    assert fast.counts["blank_lines"] == 2 and fast.counts["bad_lines"] == 13 and len(fast.texts) == 8
 
 
 def test_progress_line_only_on_a_terminal():

@@ -32,7 +32,7 @@ import hashlib
 import math
 import os
 import sqlite3
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -43,6 +43,18 @@ DEDUP_MODES = ("exact", "paragraph")
 def digest(data: bytes, purpose: bytes) -> bytes:
     """16 bytes identifying ``data`` for ``purpose`` (b"document", b"paragraph")."""
     return hashlib.blake2b(data, digest_size=16, person=purpose).digest()
+
+
+def digests_of(datas: Iterable[bytes], purpose: bytes) -> list:
+    """:func:`digest` of each of ``datas``: a hash state keyed once and copied per item costs
+    half as much as a new one, which counts on millions of short documents."""
+    start = hashlib.blake2b(digest_size=16, person=purpose)
+    out = []
+    for data in datas:
+        h = start.copy()
+        h.update(data)
+        out.append(h.digest())
+    return out
 
 
 def digests_array(digests: list) -> np.ndarray:

@@ -15,6 +15,9 @@ In this order:
 7. leading and trailing whitespace of the document is removed.
 
 Pure-ASCII text skips the Unicode steps, and text with nothing to clean costs one regex scan.
+One line of printable characters (``str.isprintable``: no control or format character, no
+line or paragraph separator, no space but U+0020), a short document's usual shape, has
+nothing for steps 2-6 to do (every character they change is unprintable) and costs one scan.
 """
 from __future__ import annotations
 
@@ -35,6 +38,12 @@ def normalize_text(text: str, form: str = "NFC") -> str:
     Each step first checks, at C speed, whether it has anything to do: most documents
     need few of them, and a regex substitution costs far more than a search.
     """
+    if text.isprintable():  # one line, no control character, no space but ' ': only steps 1 and 7 can apply
+        if text.isascii():
+            return text.strip()
+        normalized = unicodedata.normalize(form, text)
+        if normalized.isprintable():
+            return normalized.strip()
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from itertools import compress
 from typing import Callable, Optional
 
 import numpy as np
@@ -340,7 +341,7 @@ def prepare(config: PrepareConfig, log: Optional[Callable[[str], None]] = _stder
                 else:
                     sides = {None: keep}
                 for s, mask in sides.items():
-                    texts = [(block.wheres[d], datas[d]) for d in np.flatnonzero(mask)]
+                    texts = list(compress(zip(block.wheres, datas), mask.tolist()))
                     if texts:
                         yield s, Chunk("", 1, 0, texts=texts)
                 documents = sum(w.documents for w in writers.values())
