@@ -20,7 +20,7 @@ from megatron_ext.data.prepare import PrepareConfig, PrepareError, prepare
 from megatron_ext.data.prepare.clean import Cleaner
 from megatron_ext.data.prepare.dedup import BloomTable, DiskTable, MemoryTable, digest, digests_array
 from megatron_ext.data.prepare.filters import DocumentFilter
-from megatron_ext.data.prepare.inputs import RawBlock
+from megatron_ext.data.prepare.inputs import RawBlock, read_blocks, resolve_inputs
 from megatron_ext.data.prepare.normalize import normalize_text
 from megatron_ext.data.prepare.stats import Progress
 from megatron_ext.data.preprocess import PreprocessConfig, PreprocessError, preprocess
@@ -265,6 +265,45 @@ def test_directories_globs_gz_zst_and_text_paragraphs(sample_dir, plays, tmp_pat
     assert res.stats["documents_in"] == 20 + len(paragraphs)
     res = prepare(config(sample_dir, [str(d / "**" / "*.zst")], tmp_path / "z", dedup="exact"), log=None)
     assert res.stats["documents_in"] == 10
+
+
+@pytest.mark.parametrize("reader", ["zstandard", "zstd"])
+def test_zst_input_progress_counts_the_compressed_bytes_read(tmp_path, monkeypatch, reader):
+    """The progress line's MB/s and ETA need the bytes of the file read so far, also when the
+    zstd program does the reading."""
+    if reader == "zstandard":
+        zstandard = pytest.importorskip("zstandard")
+    elif shutil.which("zstd") is None:
+        pytest.skip("no zstd program")
+    else:
+        monkeypatch.setitem(sys.modules, "zstandard", None)  # the import fails: the program reads
+    rng = np.random.default_rng(0)
+    text = "\n".join(json.dumps({"text": rng.bytes(300).hex()}) for _ in range(4000)).encode() + b"\n"
+    path = tmp_path / "a.jsonl.zst"
+    if reader == "zstandard":
+        path.write_bytes(zstandard.ZstdCompressor().compress(text))
+    else:
+        (tmp_path / "a.jsonl").write_bytes(text)
+        subprocess.run(["zstd", "-q", "--rm", str(tmp_path / "a.jsonl")], check=True)
+    files = resolve_inputs([str(path)])
+    done = [block.bytes_done for block in read_blocks(files, 1 << 16)]
+    assert len(done) > 10 and done == sorted(done) and done[-1] == files[0].size
+    assert 0 < done[0] < files[0].size  # counted from the first block, not only at the end
+
+
+def test_truncated_zst_input_is_an_error_naming_the_file(sample_dir, plays, tmp_path, monkeypatch):
+    if shutil.which("zstd") is None:
+        pytest.skip("no zstd program")
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    write_jsonl(tmp_path / "a.jsonl", plays)
+    subprocess.run(["zstd", "-q", "--rm", str(tmp_path / "a.jsonl")], check=True)
+    whole = (tmp_path / "a.jsonl.zst").read_bytes()
+    (tmp_path / "a.jsonl.zst").write_bytes(whole[: len(whole) // 2])
+    c = config(sample_dir, [str(tmp_path / "a.jsonl.zst")], tmp_path / "o", normalize=True)
+    for run in (lambda: prepare(c, log=None), lambda: preprocess(c.preprocess, log=None)):
+        with pytest.raises(PreprocessError, match=rf"{tmp_path / 'a.jsonl.zst'}: cannot read: zstd -d exited"):
+            run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl.zst"]
 
 
 def test_bad_line_names_file_and_line_and_leaves_nothing(sample_dir, plays, tmp_path):

@@ -90,21 +90,33 @@ def resolve_inputs(patterns: Sequence[str]) -> list[InputFile]:
 
 
 class _ZstdProcess:
-    """``zstd -dc`` as a readable stream, for machines without the zstandard module."""
+    """``zstd -dc`` as a readable stream, for machines without the zstandard module. Over an
+    open file ``raw``, the program reads that file as its standard input: the two share the
+    file's offset, so ``raw.tell()`` says how much of the file the program has read."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, raw=None) -> None:
         self.path = path
-        self.proc = subprocess.Popen(["zstd", "-dcq", path], stdout=subprocess.PIPE)
+        # Its complaint (a line or two) is kept for the error, which names the file.
+        if raw is None:
+            self.proc = subprocess.Popen(["zstd", "-dcq", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        else:
+            self.proc = subprocess.Popen(["zstd", "-dcq"], stdin=raw, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def read(self, n: int = -1) -> bytes:
         return self.proc.stdout.read(n)
 
     def close(self, failed: bool = False) -> None:
+        if self.proc.stderr.closed:  # closed before
+            return
         self.proc.stdout.close()
         if failed:
             self.proc.kill()
+        said = self.proc.stderr.read().decode("utf-8", "replace").strip()
+        self.proc.stderr.close()
         if self.proc.wait() != 0 and not failed:
-            raise OSError(f"zstd -d exited with status {self.proc.returncode} (corrupt or truncated file?)")
+            said = said.splitlines()[-1].replace("/*stdin*\\", self.path) if said else "corrupt or truncated file?"
+            raise PreprocessError(f"{self.path}: cannot read: zstd -d exited with status {self.proc.returncode} "
+                                  f"({said})")
 
     def __enter__(self):
         return self
@@ -120,12 +132,14 @@ def open_zstd(path: str, raw=None):
     except ImportError:
         if shutil.which("zstd") is None:
             raise PreprocessError(f"{path}: reading .zst needs the zstandard module or the zstd program") from None
-        return _ZstdProcess(path)
+        return _ZstdProcess(path, raw)
     return zstandard.ZstdDecompressor().stream_reader(raw if raw is not None else open(path, "rb"), closefd=True)
 
 
 class _Opened:
-    """A decompressing reader over one file that knows how many raw bytes it consumed."""
+    """A decompressing reader over one file that knows how many of the file's bytes (compressed
+    ones for .gz and .zst) it consumed, so the progress line's MB/s and ETA refer to the sizes
+    on disk."""
 
     def __init__(self, f: InputFile) -> None:
         self.raw = open(f.path, "rb")
@@ -140,7 +154,8 @@ class _Opened:
         return self.stream.read(n)
 
     def consumed(self) -> int:
-        return 0 if isinstance(self.stream, _ZstdProcess) else self.raw.tell()
+        # The zstd program moves the offset that raw.tell() asks the system for (see _ZstdProcess).
+        return self.raw.tell()
 
     def close(self, failed: bool = False) -> None:
         try:
