@@ -145,10 +145,8 @@ class Cleaner:
         return out
 
     def _split_paragraphs(self, out: CleanBlock) -> None:
-        out.paragraphs, out.paragraph_digests = [], []
-        for text in out.texts:
-            parts = PARAGRAPH_BREAK.split(text)
-            out.paragraphs.append(parts)
-            long = [i for i, p in enumerate(parts) if len(p) >= self.min_paragraph_chars]
-            found = digests_of([parts[i].encode("utf-8") for i in long], b"paragraph")
-            out.paragraph_digests.append(list(zip(long, found)))
+        out.paragraphs = [PARAGRAPH_BREAK.split(text) for text in out.texts]
+        long = [[i for i, p in enumerate(parts) if len(p) >= self.min_paragraph_chars] for parts in out.paragraphs]
+        found = iter(digests_of([parts[i].encode("utf-8") for parts, kept in zip(out.paragraphs, long) for i in kept],
+                                b"paragraph"))
+        out.paragraph_digests = [[(i, next(found)) for i in kept] for kept in long]
