@@ -14,7 +14,7 @@ In this order:
 6. runs of blank lines become one blank line;
 7. leading and trailing whitespace of the document is removed.
 
-Pure-ASCII text skips the Unicode steps, and text with nothing to clean costs one regex scan.
+Pure-ASCII text skips the Unicode steps, and text with nothing to clean costs a few scans.
 One line of printable characters (``str.isprintable``: no control or format character, no
 line or paragraph separator, no space but U+0020), a short document's usual shape, has
 nothing for steps 2-6 to do (every character they change is unprintable) and costs one scan.
@@ -28,7 +28,7 @@ UNICODE_FORMS = ("NFC", "NFKC")
 
 _UNICODE_BREAKS = re.compile("[\u0085\u2028\u2029]")
 _DROP = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\ufeff\u200b]")
-_ASCII_DROP = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ASCII_KEPT = bytes(range(0x20, 0x7f)) + b"\t\n\r"  # the ASCII that steps 3 and 4 leave as it is
 _SPACES = re.compile("[\x0b\x0c\xa0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 
 
@@ -47,7 +47,7 @@ def normalize_text(text: str, form: str = "NFC") -> str:
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():
-        if _ASCII_DROP.search(text):
+        if text.encode("ascii").translate(None, _ASCII_KEPT):  # a byte table: several times a regex's speed
             text = _DROP.sub("", text.replace("\x0b", " ").replace("\x0c", " "))
     else:
         text = unicodedata.normalize(form, text)
