@@ -100,25 +100,25 @@ class MemoryTable:
         return out
 
     def _insert(self, keys: np.ndarray) -> np.ndarray:
-        """Insert distinct keys; True where a key was not there before."""
+        """Insert distinct keys; True where a key was not there before. In rounds: each key still
+        pending looks at its slot; of the keys finding the same empty slot the first takes it, the
+        others (and those finding another key) move one slot on."""
         mask = np.uint64(len(self.slots) - 1)
-        slot = keys & mask
         new = np.zeros(len(keys), bool)
-        pending = np.arange(len(keys))
-        while pending.size:
-            s = slot[pending]
-            current = self.slots[s]
-            found = current == keys[pending]
-            empty = current == 0
-            candidates = pending[empty]
-            _, winner = np.unique(s[empty], return_index=True)  # one key per empty slot per round
-            winners = candidates[winner]
-            self.slots[slot[winners]] = keys[winners]
-            new[winners] = True
-            done = found.copy()
-            done[np.flatnonzero(empty)[winner]] = True
-            pending = pending[~done]
-            slot[pending] = (slot[pending] + np.uint64(1)) & mask
+        index, pending, slot = np.arange(len(keys)), keys, keys & mask  # the pending keys, compacted
+        while index.size:
+            current = self.slots[slot]
+            empty = np.flatnonzero(current == 0)
+            claimed = slot[empty]
+            order = np.argsort(claimed, kind="stable")
+            first = np.ones(len(order), bool)  # the first key (in input order) of each claimed slot
+            np.not_equal(claimed[order[1:]], claimed[order[:-1]], out=first[1:])
+            winners = empty[order[first]]
+            self.slots[slot[winners]] = pending[winners]
+            new[index[winners]] = True
+            go_on = current != pending
+            go_on[winners] = False
+            index, pending, slot = index[go_on], pending[go_on], (slot[go_on] + np.uint64(1)) & mask
         return new
 
     def _grow(self) -> None:
