@@ -290,6 +290,15 @@ def test_zst_input_progress_counts_the_compressed_bytes_read(tmp_path, monkeypat
     assert len(done) > 10 and done == sorted(done) and done[-1] == files[0].size
     assert 0 < done[0] < files[0].size  # counted from the first block, not only at the end
 
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    progress = Progress(files[0].size, stream=Terminal(), interval=0)
+    progress.update(100, 1000, done[len(done) // 2])
+    line = progress.stream.getvalue()
+    assert " 0.0 MB/s" not in line and "ETA" in line, line
+
 
 def test_truncated_zst_input_is_an_error_naming_the_file(sample_dir, plays, tmp_path, monkeypatch):
     if shutil.which("zstd") is None:
