@@ -206,7 +206,7 @@ def run_case(opts, case: str, seq: int, mbs: int) -> dict:
             opts.profile_tag = f"{case}-seq{seq}-mb{mbs}"
             try:
                 result["profile"] = profile_steps(run, opts)
-                result["profile"] += ["", *phase_times(run, opts.profile_steps)]
+                result["profile"] += ["", *phase_times(run, opts.profile_steps), *synchronizing_calls(run)]
             except Exception as e:  # noqa: BLE001 - the timings stand without it
                 traceback.print_exc()
                 result["profile"] = [f"profile failed: {type(e).__name__}: {e}"]
@@ -384,20 +384,40 @@ def profile_steps(run, opts) -> list[str]:
     if top:
         lines += ["", "| top kernels | GPU ms / step | category |", "|---|---|---|"]
         lines += [f"| `{k[:90]}` | {v / 1e3 / steps:.2f} | {_kernel_category(k)} |" for k, v in top]
-    # host calls that wait for the GPU (a synchronisation lets no host work overlap the GPU's)
-    waits = sorted(((e.key, e.count, e.cpu_time_total) for e in prof.key_averages() if _waits_for_gpu(e.key)),
-                   key=lambda r: -r[2])
-    if waits:
-        lines += ["", "| host calls that can wait for the GPU | calls / step | host ms / step |", "|---|---|---|"]
-        lines += [f"| `{k}` | {n / steps:g} | {t / 1e3 / steps:.1f} |" for k, n, t in waits]
     return lines
 
 
-def _waits_for_gpu(name: str) -> bool:
-    """CUDA runtime calls and aten ops that block the host until the GPU catches up."""
-    return name.startswith(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
-                            "cudaMemcpy", "cudaMalloc", "cudaFree", "aten::_local_scalar_dense", "aten::item",
-                            "aten::nonzero", "aten::to", "aten::copy_"))
+def synchronizing_calls(run) -> list[str]:
+    """Every call of one trainer step that makes the host wait for the GPU, by the Python line
+    it comes from (torch's CUDA sync debug mode): a synchronization in the micro-batch loop
+    keeps the host from queueing work ahead of the GPU. Table lines (after a blank one); none
+    without CUDA."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    if not platform.has_cuda():
+        return []
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            frames = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-2]
+                      if "warnings" not in f.filename]
+            sites[" <- ".join(reversed(frames[-3:]))] += 1
+
+    platform.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run.train_step()
+            platform.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    lines = ["", "| synchronizing calls in one step (where from) | calls |", "|---|---|"]
+    return lines + [f"| `{site}` | {n} |" for site, n in sites.most_common(12)]
 
 
 def phase_times(run, steps: int) -> list[str]:
