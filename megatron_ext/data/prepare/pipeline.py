@@ -367,22 +367,22 @@ def prepare(config: PrepareConfig, log: Optional[Callable[[str], None]] = _stder
         counts["bytes_in"] = sum(f.size for f in files)
         run = run_record(counts, {s or "all": group for s, group in shards.items()}, [f.path for f in files],
                          time.perf_counter() - start)
-        stats = merge_runs(previous, run, header)
-        _check_not_empty(config, files, run, stats)
-
-        # Publish. Everything is staged first; the stats, moved last, commit the run.
         new_table = None
         if table is not None:
             header["dedup_table"] = table.stats()
             if config.tokens_per_shard:  # kept for --append, under a name no earlier stats use
                 new_table = _table_file(p.output_prefix, table.kind, runs)
                 header["dedup_table"]["file"] = os.path.basename(new_table)
-                if table.kind == "disk":
-                    table.close()
-                    shutil.move(table.path, staging.file_for(new_table))  # a copy when --dedup-dir is elsewhere
-                else:
-                    table.save(staging.file_for(new_table))
-            stats = merge_runs(previous, run, header)
+        stats = merge_runs(previous, run, header)
+        _check_not_empty(config, files, run, stats)
+
+        # Publish. Everything is staged first; the stats, moved last, commit the run.
+        if new_table is not None:
+            if table.kind == "disk":
+                table.close()
+                shutil.move(table.path, staging.file_for(new_table))  # a copy when --dedup-dir is elsewhere
+            else:
+                table.save(staging.file_for(new_table))
         final_stats = stats_path(p.output_prefix)
         write_json_atomic(staging.file_for(final_stats), stats)
         staging.publish([sh.prefix for group in shards.values() for sh in group])
