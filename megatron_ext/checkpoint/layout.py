@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from megatron_ext.errors import MegatronExtError
-from megatron_ext.models.config import LlamaConfig
+from megatron_ext.models.config import LLAMA31_ROPE_SCALING_FACTOR, LlamaConfig
 
 MODEL_FILE = "model_optim_rng.pt"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -140,7 +140,7 @@ def megatron_args(cfg: LlamaConfig, tp: int, dtype: torch.dtype) -> dict[str, An
         "num_query_groups": cfg.num_query_groups, "kv_channels": cfg.head_dim,
         "max_position_embeddings": cfg.max_position_embeddings,
         "position_embedding_type": "rope", "rotary_base": cfg.rotary_base, "rotary_interleaved": False,
-        "use_rope_scaling": cfg.rope_scaling_factor is not None, "rope_scaling_factor": cfg.rope_scaling_factor or 8.0,
+        "use_rope_scaling": cfg.rope_scaling_factor is not None, "rope_scaling_factor": cfg.rope_scaling_factor or LLAMA31_ROPE_SCALING_FACTOR,
         "normalization": "RMSNorm", "norm_epsilon": cfg.norm_epsilon, "swiglu": True,
         "add_bias_linear": False, "untie_embeddings_and_output_weights": not cfg.tie_word_embeddings,
         "vocab_size": cfg.vocab_size, "padded_vocab_size": cfg.padded_vocab_size(tp),

@@ -11,7 +11,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext import platform
-from megatron_ext.models.config import ConfigError, LlamaConfig
+from megatron_ext.models.config import LLAMA31_ROPE_SCALING_FACTOR, ConfigError, LlamaConfig
 from megatron_ext.models.spec import block_spec, llama_layer_spec
 
 
@@ -103,7 +103,7 @@ def build_model(cfg: LlamaConfig, params_dtype: torch.dtype = torch.float32, *,
         rotary_base=cfg.rotary_base,
         # LLaMA-3.1's "llama3" scaling, megatron-core's own (config.LLAMA3_ROPE_SCALING)
         rope_scaling=cfg.rope_scaling_factor is not None,
-        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
+        rope_scaling_factor=cfg.rope_scaling_factor or LLAMA31_ROPE_SCALING_FACTOR,
     )
     model.to(platform.device())
     with torch.no_grad():  # megatron-core's torch norms ignore params_dtype

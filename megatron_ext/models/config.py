@@ -21,6 +21,8 @@ from megatron_ext.errors import InputError
 # The parameters of the "llama3" rotary scaling that megatron-core fixes (the defaults of
 # RotaryEmbedding._apply_scaling, which GPTModel does not let us change); only the factor varies.
 LLAMA3_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# LLaMA-3.1's factor, and Megatron-LM's default for --rope-scaling-factor
+LLAMA31_ROPE_SCALING_FACTOR = 8.0
 
 # The linear slots of a layer by layer-spec name, and each one's module path inside the layer
 # (state-dict keys ``decoder.layers.<i>.<path>.weight``): the layer spec, checkpoints,
@@ -147,7 +149,7 @@ _NAMED: dict[str, LlamaConfig] = {
         # LLaMA-3-8B's shapes; 128k positions through the "llama3" rotary scaling (factor 8).
         LlamaConfig(name="llama3.1-8b", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
                     num_attention_heads=32, num_query_groups=8, vocab_size=128256,
-                    max_position_embeddings=131072, rotary_base=500000.0, rope_scaling_factor=8.0,
+                    max_position_embeddings=131072, rotary_base=500000.0, rope_scaling_factor=LLAMA31_ROPE_SCALING_FACTOR,
                     norm_epsilon=1e-5),
         LlamaConfig(name="smollm2-135m", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
                     num_attention_heads=9, num_query_groups=3, vocab_size=49152,

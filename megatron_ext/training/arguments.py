@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from megatron_ext.errors import InputError
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES
+from megatron_ext.models.config import LLAMA31_ROPE_SCALING_FACTOR
 
 # Flags a Megatron-LM script may carry that select kernels or runtime details we do not
 # have (or always use); accepted so such scripts run unchanged, and ignored.
@@ -78,7 +79,7 @@ def build_parser(plugins: Sequence[type] = (), prog: str = "pretrain_maskllm.py"
     g.add_argument("--use-rope-scaling", action="store_true",
                    help="LLaMA-3.1's scaled rotary embedding (rope_type llama3; the llama3.1-8b model has it)")
     g.add_argument("--rope-scaling-factor", type=float, default=None,
-                   help="its factor (default 8.0, LLaMA-3.1's); needs --use-rope-scaling")
+                   help=f"its factor (default {LLAMA31_ROPE_SCALING_FACTOR}, LLaMA-3.1's); needs --use-rope-scaling")
     g.add_argument("--norm-epsilon", type=float)
     g.add_argument("--make-vocab-size-divisible-by", type=int)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")

@@ -39,7 +39,7 @@ class ModelConfig:
     kv_channels: Optional[int]
     max_position_embeddings: Optional[int]
     rotary_base: Optional[float]
-    use_rope_scaling: bool                    # LLaMA-3.1's rotary scaling (rope_scaling_factor, 8.0 by default)
+    use_rope_scaling: bool                    # LLaMA-3.1's rotary scaling (rope_scaling_factor, LLAMA31_ROPE_SCALING_FACTOR by default)
     rope_scaling_factor: Optional[float]
     norm_epsilon: Optional[float]
     make_vocab_size_divisible_by: Optional[int]

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 from megatron_ext.checkpoint import CheckpointInfo, find_checkpoint
 from megatron_ext.data.tokenizers import build_tokenizer
-from megatron_ext.models.config import ConfigError, LlamaConfig, get_config
+from megatron_ext.models.config import LLAMA31_ROPE_SCALING_FACTOR, ConfigError, LlamaConfig, get_config
 from megatron_ext.training.arguments import ARCH_FIELDS, ArgsError
 from megatron_ext.training.config import CheckpointConfig, DataConfig, RunConfig
 from megatron_ext.training.plugins import TrainerPlugin
@@ -69,7 +69,7 @@ def resolve_model_config(args, tokenizer, ckpt: Optional[CheckpointInfo], *, seq
     if args.group_query_attention and args.num_query_groups is None:
         overrides["num_query_groups"] = 1
     if args.use_rope_scaling and args.rope_scaling_factor is None:
-        overrides["rope_scaling_factor"] = 8.0  # Megatron-LM's default, LLaMA-3.1's factor
+        overrides["rope_scaling_factor"] = LLAMA31_ROPE_SCALING_FACTOR
     if args.untie_embeddings_and_output_weights:
         overrides["tie_word_embeddings"] = False
     try:
