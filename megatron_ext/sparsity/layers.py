@@ -311,32 +311,37 @@ class _MaskedLinearMixin:
         s = self.sparsity
         return self.candidates, s.tau, s.kappa, self._noise_key(), self.group_index(), s.hard, self._kernel()
 
-    def _cache_key(self) -> tuple:
-        s, w, lg = self.sparsity, self.weight, self.mask_logits
-        return (s.step, s.tau, s.kappa, s.hard, self._noise_key(), _OptimizerSteps.current(),
-                lg.data_ptr(), lg._version, w.data_ptr(), w._version, w.dtype, self.mask_impl)
+    def _cache_key(self, w: torch.Tensor, lg: torch.Tensor) -> tuple:
+        """What the step's draw depends on (the noise key is a function of seed, step and layer
+        id). Asked by every micro-batch's forward: attribute reads only, no calls of our own."""
+        s = self.sparsity
+        return (s.step, s.seed, self.layer_id, s.tau, s.kappa, s.hard, _OptimizerSteps.count, self.mask_impl,
+                w.dtype, w.data_ptr(), w._version, lg.data_ptr(), lg._version)
 
-    def _step_sample(self) -> _StepSample:
-        """This step's ``weight * mask`` and its squared norm, built on first use (no autograd)."""
-        key = self._cache_key()
+    def _step_sample(self, w: torch.Tensor, lg: torch.Tensor) -> _StepSample:
+        """This step's ``weight * mask`` and its squared norm, built on first use (no autograd);
+        ``w`` and ``lg`` are this layer's weight and logits."""
+        key = self._cache_key(w, lg)
         entry = self._mask_cache
         if entry is None or entry.key != key:
+            _OptimizerSteps.current()  # counting optimizer steps from the first draw on
             self.clear_mask_cache()  # finishes a pending backward of the previous draw and frees it
             draw = gumbel.Draw(*self._draw())
-            masked, sq = gumbel.sample_pass(self.weight.detach(), self.mask_logits.detach(), draw, True)
+            masked, sq = gumbel.sample_pass(w.detach(), lg.detach(), draw, True)
             entry = self._mask_cache = _StepSample(key, draw, masked, sq)
         return entry
 
     # ------------------------------------------------------------------ the step's mask backward
     def _accumulate(self, entry: _StepSample, grad, reg, need_weight: bool, need_logits: bool) -> None:
         late = entry.finished  # a backward after the step was finished: run it at once
+        joined = entry.pending()  # already in _PENDING since this draw's first backward
         entry.finished = False
         entry.add(grad, reg)
         entry.need_weight |= bool(need_weight)
         entry.need_logits |= bool(need_logits)
         if late:
             finish_layers([_LateEntry(self, entry)])
-        else:
+        elif not joined:
             _PENDING.add(self)
 
     def _finish(self, entry: Optional[_StepSample] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -352,8 +357,7 @@ class _MaskedLinearMixin:
         if not entry.pending():
             return []
         w, lg = self.weight, self.mask_logits
-        if (w.data_ptr(), w._version, lg.data_ptr(), lg._version) != (entry.key[8], entry.key[9], entry.key[6],
-                                                                      entry.key[7]):
+        if (w.data_ptr(), w._version, lg.data_ptr(), lg._version) != entry.key[-4:]:
             raise RuntimeError(f"{self.layer_name or self.name}: weight or mask logits changed in place while the "
                                "step's mask backward was pending; call finish_mask_backward(model) after the "
                                "step's last backward, before changing them")
@@ -396,18 +400,20 @@ class _MaskedLinearMixin:
     # ------------------------------------------------------------------ forward
     def effective_weight(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight megatron-core's linear multiplies by, for the current mode."""
-        weight = self.weight if weight is None else weight
-        if not self._sampling():
+        own = self.weight
+        weight = own if weight is None else weight
+        if not (self.training and self.sparsity.mode == "train"):  # not self._sampling()
             self.clear_mask_cache()
             if self.sparsity.mode == "dense":
                 return weight
             return weight * self.hard_mask().to(weight.dtype)
         if self.mask_impl == "reference":
             return weight * self._reference_mask().reshape(weight.shape).to(weight.dtype)
-        if weight is not self.weight:  # not this layer's weight: no step cache, one backward per call
-            return gumbel.masked_weight(weight, self.mask_logits, *self._draw())
-        entry = self._step_sample()
-        return _StepMaskedWeight.apply(self.weight, self.mask_logits, entry.masked, self, entry)
+        logits = self.mask_logits
+        if weight is not own:  # not this layer's weight: no step cache, one backward per call
+            return gumbel.masked_weight(weight, logits, *self._draw())
+        entry = self._step_sample(own, logits)
+        return _StepMaskedWeight.apply(own, logits, entry.masked, self, entry)
 
     def _reference_mask(self) -> torch.Tensor:
         s = self.sparsity
@@ -425,7 +431,7 @@ class _MaskedLinearMixin:
             if self.mask_impl == "reference":
                 mask = self._reference_mask().reshape(self.weight.shape)
                 return (self.weight.detach().to(mask.dtype) * mask).square().sum()
-            entry = self._step_sample()
+            entry = self._step_sample(self.weight, self.mask_logits)
             return _StepSqNorm.apply(self.mask_logits, entry.sq_norm, self, entry)
         with torch.no_grad():
             return (self.weight.float() * self.hard_mask()).square().sum()

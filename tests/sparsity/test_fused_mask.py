@@ -299,7 +299,7 @@ def test_one_mask_backward_per_step_gives_the_gradients_of_the_per_micro_batch_r
         model.reg = reg.item()
     for _, layer in masked_linears(cached):  # the step's draw, kept until the step is finished
         entry = layer._mask_cache
-        assert entry is not None and entry.key == layer._cache_key() and entry.pending()
+        assert entry is not None and entry.key == layer._cache_key(layer.weight, layer.mask_logits) and entry.pending()
     finish_mask_backward(cached)
     finish_mask_backward(plain)
     assert cached.losses == plain.losses and cached.reg == plain.reg
