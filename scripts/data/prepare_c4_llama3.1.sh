@@ -6,11 +6,10 @@
 #
 #   bash scripts/data/prepare_c4_llama3.1.sh
 #
-# The steps, inputs and variables are those of scripts/data/prepare_c4_llama2.sh; only the
-# tokenizer and the output directory differ. LLaMA-3.1 keeps LLaMA-3's vocabulary and BPE
-# merges, so shards made by scripts/data/prepare_c4_llama3.sh serve as well (set C4_HOME).
+# The steps, inputs and variables are those of scripts/data/prepare_c4_llama3.sh; only the
+# tokenizer's directory and the output directory differ. LLaMA-3.1 keeps LLaMA-3's vocabulary
+# and BPE merges, so shards made by scripts/data/prepare_c4_llama3.sh serve as well (set C4_HOME).
 set -euo pipefail
 export C4_HOME=${C4_HOME:-assets/data/c4_llama3.1_pretokenized}
 export TOKENIZER_MODEL=${TOKENIZER_MODEL:-assets/checkpoints/llama3.1_8b_hf}
-export TOKENIZER_TYPE=HuggingFaceTokenizer
-exec bash "$(dirname "${BASH_SOURCE[0]}")/prepare_c4_llama2.sh" "$@"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/prepare_c4_llama3.sh" "$@"

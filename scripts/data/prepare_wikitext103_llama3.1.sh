@@ -6,11 +6,10 @@
 #
 #   bash scripts/data/prepare_wikitext103_llama3.1.sh
 #
-# The steps, inputs and variables are those of scripts/data/prepare_wikitext103_llama2.sh;
-# only the tokenizer and the output names differ.
+# The steps, inputs and variables are those of scripts/data/prepare_wikitext103_llama3.sh;
+# only the tokenizer's directory and the output names differ.
 set -euo pipefail
 export WIKI_HOME=${WIKI_HOME:-assets/data/wikitext103_llama3.1_pretokenized}
 export TOKENIZER_MODEL=${TOKENIZER_MODEL:-assets/checkpoints/llama3.1_8b_hf}
-export TOKENIZER_TYPE=HuggingFaceTokenizer
 export TOKENIZER_NAME=llama3.1
-exec bash "$(dirname "${BASH_SOURCE[0]}")/prepare_wikitext103_llama2.sh" "$@"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/prepare_wikitext103_llama3.sh" "$@"

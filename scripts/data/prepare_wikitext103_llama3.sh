@@ -11,5 +11,5 @@ set -euo pipefail
 export WIKI_HOME=${WIKI_HOME:-assets/data/wikitext103_llama3_pretokenized}
 export TOKENIZER_MODEL=${TOKENIZER_MODEL:-assets/checkpoints/llama3_8b_hf}
 export TOKENIZER_TYPE=HuggingFaceTokenizer
-export TOKENIZER_NAME=llama3
+export TOKENIZER_NAME=${TOKENIZER_NAME:-llama3}
 exec bash "$(dirname "${BASH_SOURCE[0]}")/prepare_wikitext103_llama2.sh" "$@"

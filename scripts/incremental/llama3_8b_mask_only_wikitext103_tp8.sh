@@ -15,6 +15,8 @@
 # The tokenizer is LLaMA-3's tokenizer.json from the Hugging Face directory. MICRO_BATCH_SIZE=auto
 # picks the largest micro-batch that fits. Paths are relative to the repository root; any
 # variable in capitals below can be set from the environment. Extra arguments go to the trainer.
+# scripts/incremental/llama3.1_8b_mask_only_wikitext103_tp8.sh runs this recipe with
+# LLaMA-3.1-8B's model, Hugging Face directory and names.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 parse_resume "${1:-}"
@@ -22,16 +24,18 @@ shift
 
 # Data: WikiText-103 train, one document per article (scripts/data/prepare_wikitext103_llama3.sh)
 WIKI_HOME=${WIKI_HOME:-assets/data/wikitext103_llama3_pretokenized}
-DATA_BLEND="1.0 ${WIKI_HOME}/wiki_train_llama3_text_document"
+TOKENIZER_NAME=${TOKENIZER_NAME:-llama3}                                   # <name> in wiki_train_<name>_text_document
+DATA_BLEND="1.0 ${WIKI_HOME}/wiki_train_${TOKENIZER_NAME}_text_document"
 DATA_CACHE_PATH=${DATA_CACHE_PATH:-output/cache}
 
 # Checkpoints
 C4_MASK_CKPT=${C4_MASK_CKPT:-output/checkpoints/llama3-8b-tp8-mask-only-c4/train_iters_2000/ckpt}
 LLAMA3_HF=${LLAMA3_HF:-assets/checkpoints/llama3_8b_hf}                    # the Hugging Face directory: tokenizer
+HF_VAR=${HF_VAR:-LLAMA3_HF}                                                # the variable the messages name for it
 
 # Task
 TAG=${TAG:-llama3-8b-tp8-mask-only-wikitext103-c4format}
-MODEL=llama3-8b
+MODEL=${MODEL:-llama3-8b}
 TP=8
 SEQ_LENGTH=2048
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-auto}   # the largest that fits (MEMORY_TARGET_FRACTION of the GPU), or a number
@@ -61,7 +65,7 @@ SAVE_DIR=$RUN_DIR/ckpt
 cd "$ROOT"
 # --- checks before the launch ------------------------------------------------------------------
 require_blend "$DATA_BLEND" WIKI_HOME
-require_tokenizer "$LLAMA3_HF" LLAMA3_HF
+require_tokenizer "$LLAMA3_HF" "$HF_VAR"
 require_checkpoint "$C4_MASK_CKPT" C4_MASK_CKPT
 if [ "$RESUME" = 0 ]; then
   refuse_existing_run "$SAVE_DIR" SAVE_DIR

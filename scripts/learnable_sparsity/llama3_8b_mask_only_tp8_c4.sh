@@ -16,7 +16,8 @@
 # MICRO_BATCH_SIZE=auto picks the largest micro-batch that fits
 # (MEMORY_TARGET_FRACTION of the device's memory). Paths are relative to the repository
 # root; any variable in capitals below can be set from the environment. Extra arguments go
-# to the trainer.
+# to the trainer. scripts/learnable_sparsity/llama3.1_8b_mask_only_tp8_c4.sh runs this recipe
+# with LLaMA-3.1-8B's model, Hugging Face directory and names.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 parse_resume "${1:-}"
@@ -33,12 +34,13 @@ DATA_CACHE_PATH=${DATA_CACHE_PATH:-output/cache}
 
 # Checkpoints
 LLAMA3_HF=${LLAMA3_HF:-assets/checkpoints/llama3_8b_hf}                    # the Hugging Face directory: tokenizer
+HF_VAR=${HF_VAR:-LLAMA3_HF}                                                # the variable the messages name for it
 DENSE_CKPT=${DENSE_CKPT:-checkpoints/llama3-8b-tp8}                        # from LLAMA3_HF, see above
 PRIOR_CKPT=${PRIOR_CKPT:-checkpoints/llama3-8b-oneshot/hessian_2_4}        # scripts/oneshot/run_llama3_8b_prune_tp8.sh hessian
 
 # Task
 TAG=${TAG:-llama3-8b-tp8-mask-only-c4}
-MODEL=llama3-8b
+MODEL=${MODEL:-llama3-8b}
 TP=8
 SEQ_LENGTH=4096
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-auto}   # the largest that fits (MEMORY_TARGET_FRACTION of the GPU), or a number
@@ -68,7 +70,7 @@ SAVE_DIR=$RUN_DIR/ckpt
 cd "$ROOT"
 # --- checks before the launch ------------------------------------------------------------------
 require_blend "$DATA_BLEND" C4_HOME
-require_tokenizer "$LLAMA3_HF" LLAMA3_HF
+require_tokenizer "$LLAMA3_HF" "$HF_VAR"
 require_checkpoint "$PRIOR_CKPT" PRIOR_CKPT
 if [ "$RESUME" = 0 ]; then
   require_checkpoint "$DENSE_CKPT" DENSE_CKPT

@@ -12,6 +12,7 @@
 # calibration data is C4 tokenized with its tokenizer (scripts/data/prepare_c4_llama3.sh).
 # Paths are relative to the repository root; any variable in capitals below can be set
 # from the environment. Extra arguments go to tools/prune_oneshot.py.
+# scripts/oneshot/run_llama3.1_8b_prune_tp8.sh runs this with LLaMA-3.1-8B's paths.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 

@@ -259,6 +259,7 @@ def test_llama3_c4_script_names_the_missing_tokenizer(tmp_path, llama):
            "PRIOR_CKPT": checkpoint(tmp_path / "prior"), "RUN_DIR": tmp_path / "run"}
     res = dry_run(s["c4"], 0, **env)
     assert res.returncode == 1 and f"{s['hf_var']}: tokenizer not found: {tmp_path / 'hf'}" in res.stderr
+    assert f"error: {Path(s['c4']).name}: 1 check(s) failed" in res.stderr     # the script the user ran
     # by default, the model's own Hugging Face directory
     res = dry_run(s["c4"], 0, **{k: v for k, v in env.items() if k != s["hf_var"]})
     assert res.returncode == 1 and f"{s['hf_var']}: tokenizer not found: {s['hf']}" in res.stderr
