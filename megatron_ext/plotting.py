@@ -3,18 +3,18 @@
 matplotlib is optional: ``pyplot()`` imports it on first use with the Agg backend (no
 display needed) and raises ``MatplotlibMissing`` (exit status 2, with the pip command)
 when it is not installed. Figures are grids of panels sharing the iteration axis; a PNG
-is written under a temporary name and renamed, so a reader never sees half a file.
+is written atomically (``megatron_ext.files``), so a reader never sees half a file.
 Everything here takes plain records (dicts, lists) and imports nothing from the trainer.
 """
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_ext.errors import InputError
+from megatron_ext.files import atomic_write
 
 PANEL_SIZE = (6.4, 3.0)  # inches per panel
 DPI = 110
@@ -74,16 +74,9 @@ def save_png(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"-o {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     finally:
         pyplot().close(fig)
     return path

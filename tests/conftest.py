@@ -1,4 +1,5 @@
 """Shared fixtures: real assets fetched once into the cache (see megatron_ext/assets.py)."""
+import os
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,12 @@ def tp1():
     info = platform.init_distributed(1)
     platform.seed_everything(1234)
     return info
+
+
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets the process umask for the rest of the test; the old one comes back after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)

@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if info.rank == 0:
             print(result_table(rows), flush=True)
             if args.output is not None:
-                from megatron_ext.checkpoint.files import atomic_write_text
+                from megatron_ext.files import atomic_write_text
 
                 report = {"load": str(args.load), "sparse": args.sparse, "seq_length": args.seq_length,
                           "dtype": args.dtype, "tensor_model_parallel_size": info.tp_size,
                           "max_windows": args.max_windows, "sets": rows}
-                atomic_write_text(Path(args.output), json.dumps(report, indent=2) + "\n")
+                atomic_write_text(Path(args.output), json.dumps(report, indent=2) + "\n", durable=True)
 
     return run_tool(args.tensor_model_parallel_size, work)
 

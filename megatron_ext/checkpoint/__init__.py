@@ -16,7 +16,7 @@ Layers: imports ``megatron_ext.models`` (the config) and ``platform``; used by
 ``sparsity``, ``training`` and the tools. No module here needs a GPU or a process group,
 except the collective ``save_training_checkpoint``.
 """
-from megatron_ext.checkpoint.files import atomic_write_text, copy_tokenizer, owned, tokenizer_files
+from megatron_ext.checkpoint.files import copy_tokenizer, owned, tokenizer_files
 from megatron_ext.checkpoint.layout import (CHECKPOINT_VERSION, HARD_MASK_SUFFIX, INFO_FILE, LOGITS_SUFFIX, MASK_SUFFIXES, MODEL_FILE,
                                             TOKENIZER_DIR, TRACKER_FILE, CheckpointError, CheckpointInfo,
                                             find_checkpoint, has_masks, infer_tokenizer_type, iteration_dir_name,
@@ -29,6 +29,7 @@ from megatron_ext.checkpoint.hf import (CONFIG_NAME, from_hf_config, hf_tensor_s
 from megatron_ext.checkpoint.io import (LoadedModel, load_checkpoint, load_for_rank, load_into_model,
                                         load_rank_state_dict, model_state_dict, read_shard, save_checkpoint)
 from megatron_ext.checkpoint.convert import convert_checkpoint
+from megatron_ext.files import atomic_write_text
 
 __all__ = [
     "CHECKPOINT_VERSION", "CONFIG_NAME", "atomic_write_text", "copy_tokenizer", "dtype_name", "hf_tensor_shapes",

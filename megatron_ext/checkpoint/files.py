@@ -1,8 +1,9 @@
-"""Atomic files and directories: what every checkpoint writer here is built from.
+"""Atomic directories: what every checkpoint writer here is built from.
 
-A file is written under a temporary name in its directory, flushed, fsynced and
-renamed; a directory is filled under a temporary sibling name and renamed into
-place. A reader therefore sees a complete file or directory, or the old one.
+A directory is filled under a temporary sibling name and renamed into place, with
+the permissions of ordinary new files and directories; a single file is written
+with ``megatron_ext.files.atomic_write``. A reader therefore sees a complete file or
+directory, or the old one.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.checkpoint.layout import CheckpointError
+from megatron_ext.files import current_umask
 
 # Files that make up a tokenizer; whichever exist are copied along with a checkpoint.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -34,22 +36,6 @@ def owned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_output_dir(out_dir: Path, overwrite: bool) -> Path:
     """Check ``out_dir`` may be (re)written; return a fresh temporary sibling to fill."""
     out_dir = Path(out_dir)
@@ -63,15 +49,9 @@ def prepare_output_dir(out_dir: Path, overwrite: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def publish_permissions(tmp: Path) -> None:
     """Give a finished temporary tree the permissions of ordinary new files (mkdtemp uses 0700)."""
-    mask = _umask()
+    mask = current_umask()
     for root, dirs, files in os.walk(tmp):
         os.chmod(root, 0o777 & ~mask)
         for f in files:

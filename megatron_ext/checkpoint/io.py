@@ -25,14 +25,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from megatron_ext.checkpoint.files import (atomic_write_text, copy_tokenizer, fsync_dir, owned, publish_permissions,
-                                           save_torch_file, tokenizer_files)
+from megatron_ext.checkpoint.files import (copy_tokenizer, fsync_dir, owned, publish_permissions, save_torch_file,
+                                           tokenizer_files)
 from megatron_ext.checkpoint.layout import (_INFO_FIELDS, CHECKPOINT_VERSION, FORMAT_NAME, FORMAT_VERSION, INFO_FILE,
                                             LOGITS_SUFFIX, MODEL_FILE, TOKENIZER_DIR, TRACKER_FILE, CheckpointError,
                                             CheckpointInfo, dtype_name, infer_tokenizer_type, is_extra_state,
                                             iteration_dir_name, list_iterations, megatron_args, parse_dtype,
                                             read_checkpoint_info, shard_path)
 from megatron_ext.checkpoint.resharding import _validate_rank, reshard, validate_rank_state_dicts
+from megatron_ext.files import atomic_write_text
 from megatron_ext.models.config import LlamaConfig
 
 # --------------------------------------------------------------------------- model <-> state dict
@@ -174,7 +175,7 @@ def commit_save(tmp: Path, cfg: LlamaConfig, *, iteration: int, tp: int, dtype: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(save_dir / TRACKER_FILE, f"{iteration}\n")
+    atomic_write_text(save_dir / TRACKER_FILE, f"{iteration}\n", durable=True)
     if keep_last is not None:
         for old in list_iterations(save_dir)[:-keep_last]:
             if old != iteration:

@@ -10,11 +10,12 @@ An entry is a set of ``.npy`` arrays plus a description JSON, all named
 
 The key is a hash of a description of everything that changes the arrays' content
 (see :func:`cache_key`); the JSON holds that description and, per array, its dtype,
-shape and CRC-32. Every file is written under a temporary name in the same
-directory and moved into place with ``os.replace``; the JSON goes last, so an entry
-whose JSON is present names all of its arrays. A reader accepts an entry only when
-the JSON parses, describes the same content, and every array matches its dtype,
-shape and checksum; anything else (missing, partial, corrupt) is a miss.
+shape and CRC-32. Every file is written atomically (``megatron_ext.files``: a hidden
+temporary in the same directory, renamed into place) with the permissions of an
+ordinary new file, so other users of a shared cache can read it; the JSON goes last,
+so an entry whose JSON is present names all of its arrays. A reader accepts an entry
+only when the JSON parses, describes the same content, and every array matches its
+dtype, shape and checksum; anything else (missing, partial, corrupt) is a miss.
 
 Concurrency: there are no locks and nobody waits. Every process (rank, node) that
 misses builds the arrays itself — they are deterministic — and writes them; several
@@ -27,12 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from megatron_ext.errors import MegatronExtError
+from megatron_ext.files import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 _CRC_CHUNK = 1 << 26
@@ -63,22 +64,6 @@ def _crc32(array: np.ndarray) -> int:
     for start in range(0, len(view), _CRC_CHUNK):
         crc = zlib.crc32(view[start:start + _CRC_CHUNK], crc)
     return crc
-
-
-def _write_atomic(path: str, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class IndexCache:
@@ -145,15 +130,14 @@ class IndexCache:
             entries = {}
             for name, array in arrays.items():
                 array = np.ascontiguousarray(array)
-                _write_atomic(self.array_path(key, kind, name),
-                              lambda f, a=array: np.save(f, a, allow_pickle=False))
+                atomic_write(self.array_path(key, kind, name),
+                             lambda f, a=array: np.save(f, a, allow_pickle=False))
                 entries[name] = {"file": os.path.basename(self.array_path(key, kind, name)),
                                  "dtype": str(array.dtype), "shape": list(array.shape),
                                  "crc32": _crc32(array)}
             meta = {"format_version": FORMAT_VERSION, "key": key, "kind": kind,
                     "description": description, "arrays": entries}
-            text = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
-            _write_atomic(self.description_path(key, kind), lambda f: f.write(text))
+            atomic_write_text(self.description_path(key, kind), json.dumps(meta, indent=2, sort_keys=True))
         except OSError as e:
             raise IndexCacheError(
                 f"cannot write the dataset index cache in {self.directory} (--data-cache-path): {e}"

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from megatron_ext.errors import InputError
+from megatron_ext.files import atomic_write
 from megatron_ext.checkpoint import (
     load_checkpoint,
     mcore_to_hf,
@@ -173,17 +173,7 @@ def save_packed_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor]
             "layers": layers, **dict(extra or {})}
     arrays["meta"] = np.array(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays), durable=True)
     return PackStats(path, len(layers), params, nbytes, 8.0 * nbytes / max(params, 1))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -268,6 +269,17 @@ def test_cache_hit_returns_identical_samples_without_rebuilding(corpus, tokenize
     for i in (0, 5, len(plain[0]) - 1):
         for k in SAMPLE_KEYS:
             np.testing.assert_array_equal(second[0][i][k], plain[0][i][k])
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_cache_files_have_the_mode_of_new_files_and_no_temporary_stays(corpus, tokenizer, tmp_path, umask, mask):
+    """Under umask 022 other users of a shared cache directory can read its entries."""
+    umask(mask)
+    cache = tmp_path / "cache"
+    build_gpt_datasets(our_config(tokenizer, 64, 42, data_cache_path=str(cache)), corpus, "90,10,0", [300, 30, 0])
+    files = _cache_files(cache)
+    assert len(files) == 8 and not [f for f in files if f.startswith(".") or f.endswith(".tmp")]
+    assert {f: stat.S_IMODE((cache / f).stat().st_mode) for f in files} == {f: 0o666 & ~mask for f in files}
 
 
 def test_cache_key_covers_extra_token_and_drop_last(corpus, tokenizer, tmp_path):

@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import replace
@@ -248,6 +249,16 @@ def test_stats_add_up(sample_dir, plays, tempest, tmp_path):
         assert res.datasets[name] == [str(tmp_path / sh["prefix"]) for sh in split["shards"]]
     assert s["kept"] == sum(split["documents"] for split in s["splits"].values())
     assert "train:" in res.summary and "dropped:" in res.summary
+
+
+def test_stats_and_dedup_table_have_the_mode_of_new_files_and_no_temporary_stays(sample_dir, tmp_path, umask):
+    umask(0o027)
+    src = str(sample_dir / "shakespeare_train.jsonl")
+    res = prepare(config(sample_dir, [src], tmp_path / "s", dedup="exact", tokens_per_shard=100_000), log=None)
+    table = tmp_path / res.stats["dedup_table"]["file"]
+    for path in (tmp_path / "s_stats.json", table):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or ".tmp" in p.name]
 
 
 def test_directories_globs_gz_zst_and_text_paragraphs(sample_dir, plays, tmp_path):

@@ -7,6 +7,7 @@ at TP=2.
 import importlib.util
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,16 @@ def test_packed_masks_round_trip_exactly(tmp_path, N, M, bits):
     ideal_bytes = sum(-(-(m.numel() // M * meta["bits_per_group"]) // 8) for m in masks.values())
     assert stats.bytes == ideal_bytes and groups * meta["bits_per_group"] / stats.params == bits
     assert abs(stats.bits_per_param - bits) < 0.02
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_packed_masks_file_has_the_mode_of_new_files(tmp_path, umask, mask):
+    umask(mask)
+    masks = {"layer0": candidates(2, 4)[torch.arange(32) % 6].reshape(4, 32) != 0}
+    save_packed_masks(tmp_path / "m.npz", masks, 2, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+    assert stat.S_IMODE((tmp_path / "m.npz").stat().st_mode) == 0o666 & ~mask
+    assert torch.equal(load_packed_masks(tmp_path / "m.npz")[0]["layer0"], masks["layer0"])
 
 
 def test_packing_rejects_masks_that_are_not_candidates(tmp_path):

@@ -5,6 +5,7 @@ the tool says how to install it (exit code 2)."""
 import importlib.util
 import json
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -179,6 +180,19 @@ def test_stage_lines_stand_at_the_plans_iterations_whatever_the_log_interval(tmp
     assert all(_dashed_xs(ax) == [3, 6] for ax in fig.axes if ax.get_title())
     rc, _, err = _run(capsys, result.log_dir, "-o", tmp_path / "staged.png")
     assert rc == 0, err
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_png_has_the_mode_of_new_files_and_no_temporary_stays(tmp_path, umask, mask):
+    from megatron_ext.plotting import panel_grid, save_png
+
+    umask(mask)
+    fig, (ax,) = panel_grid(1)
+    ax.plot([0, 1, 2], [3, 1, 2])
+    out = save_png(fig, tmp_path / "p.png")
+    assert _png_size(out)[2] > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
 
 
 def test_missing_matplotlib_says_how_to_install_it(tmp_path, capsys, monkeypatch):

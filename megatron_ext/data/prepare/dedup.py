@@ -36,6 +36,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from megatron_ext.files import atomic_write
+
 TABLES = ("memory", "bloom", "disk")
 DEDUP_MODES = ("exact", "paragraph")
 
@@ -130,7 +132,7 @@ class MemoryTable:
             self._insert(part[part != 0])
 
     def save(self, path: str) -> None:
-        _atomic_save(path, self.slots)
+        atomic_write(path, lambda f: np.save(f, self.slots))
 
     @classmethod
     def load(cls, path: str) -> "MemoryTable":
@@ -187,7 +189,7 @@ class BloomTable:
         return filled ** self.k
 
     def save(self, path: str) -> None:
-        _atomic_save(path, self.bits)
+        atomic_write(path, lambda f: np.save(f, self.bits))
 
     @classmethod
     def load(cls, path: str, expected_items: int, false_positive_rate: float, count: int) -> "BloomTable":
@@ -240,15 +242,3 @@ class DiskTable:
 
     def stats(self) -> dict:
         return {"table": self.kind, "entries": self.count, "bytes": self.nbytes}
-
-
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -65,9 +65,9 @@ from megatron_ext.data.prepare.stats import (
     stats_path,
     summary,
     upgrade,
-    write_json_atomic,
 )
 from megatron_ext.data.tokenizers import build_tokenizer
+from megatron_ext.files import atomic_write_text
 
 _MAX_BAD_MESSAGES = 20
 
@@ -384,7 +384,7 @@ def prepare(config: PrepareConfig, log: Optional[Callable[[str], None]] = _stder
             else:
                 table.save(staging.file_for(new_table))
         final_stats = stats_path(p.output_prefix)
-        write_json_atomic(staging.file_for(final_stats), stats)
+        atomic_write_text(staging.file_for(final_stats), json.dumps(stats, indent=1) + "\n")
         staging.publish([sh.prefix for group in shards.values() for sh in group])
         if new_table is not None:
             staging.publish_file(new_table)

@@ -13,7 +13,6 @@ outputs are, so runs started from different working directories agree;
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -87,19 +86,6 @@ def merge_runs(previous: Optional[dict], run: dict, header: dict) -> dict:
             t["shards"] += s["shards"]
     total["splits"] = splits
     return {"version": STATS_VERSION, **header, **total, "runs": runs}
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def summary(stats: dict, run: dict) -> str:
