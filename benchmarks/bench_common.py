@@ -106,7 +106,7 @@ def emit(text: str, out: Optional[str], echo: bool = True) -> None:
     if echo:
         print(text, flush=True)
     if out:
-        from megatron_ext.checkpoint import atomic_write_text
+        from megatron_ext.files import atomic_write_text
 
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write_text(out, text + "\n")

@@ -608,7 +608,7 @@ def json_record(opts, case: str, seq: int, mbs: int, r: dict, dense: dict | None
 def write_json(path: str, records: list[dict]) -> None:
     import json
 
-    from megatron_ext.checkpoint import atomic_write_text
+    from megatron_ext.files import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(path, json.dumps(records, indent=1, default=float) + "\n")

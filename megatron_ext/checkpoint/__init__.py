@@ -29,10 +29,9 @@ from megatron_ext.checkpoint.hf import (CONFIG_NAME, from_hf_config, hf_tensor_s
 from megatron_ext.checkpoint.io import (LoadedModel, load_checkpoint, load_for_rank, load_into_model,
                                         load_rank_state_dict, model_state_dict, read_shard, save_checkpoint)
 from megatron_ext.checkpoint.convert import convert_checkpoint
-from megatron_ext.files import atomic_write_text
 
 __all__ = [
-    "CHECKPOINT_VERSION", "CONFIG_NAME", "atomic_write_text", "copy_tokenizer", "dtype_name", "hf_tensor_shapes",
+    "CHECKPOINT_VERSION", "CONFIG_NAME", "copy_tokenizer", "dtype_name", "hf_tensor_shapes",
     "load_hf_state_dict", "megatron_args", "owned", "tokenizer_files",
     "HARD_MASK_SUFFIX", "INFO_FILE", "LOGITS_SUFFIX", "MASK_SUFFIXES", "MODEL_FILE", "TOKENIZER_DIR", "TRACKER_FILE",
     "CheckpointError", "CheckpointInfo", "LoadedModel", "convert_checkpoint", "find_checkpoint", "from_hf_config",
