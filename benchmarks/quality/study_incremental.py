@@ -35,6 +35,10 @@ scripts), each seed's stage 2 from that seed's stage 1. The first seed's rows ar
 and ``stage2`` (its stage 2 is the one exported); the others' ``stage1@B`` and ``stage2@B``.
 The baselines run once, at the first seed. --report gives the mean and the spread over seeds.
 
+Replay (``--stage2-replay F``): stage 2's blend draws a share F of its samples from the general
+training text and 1 - F from the domain, against forgetting; the from-the-prior domain rows stay
+on the domain alone. A work directory keeps the blend its trainings were started with.
+
 Resuming: the same command with the same --work and --results continues where the last one
 stopped. A job that R/results.json records as exit 0 is skipped, a training whose checkpoint
 reached its iterations too; a training stopped short (``--time-limit``: stopped with a
@@ -193,6 +197,14 @@ class Study:
         self.jobs[job.name] = job
 
     # --------------------------------------------------------------- the steps
+    def stage2_blend(self) -> str:
+        """Stage 2's DATA_BLEND: the domain's training part, with ``--stage2-replay`` of general
+        training text beside it (0: the domain alone)."""
+        domain, replay = self.prefix("python_docs_train"), self.a.stage2_replay
+        if not replay:
+            return f"1.0 {domain}"
+        return f"{1 - replay:g} {domain} {replay:g} {self.prefix('general_train')}"
+
     def plan(self):
         a, w = self.a, self.work
         py = ["python"]
@@ -222,7 +234,7 @@ class Study:
             trains[s1] = (STAGE1_SCRIPT, a.stage1_iters, seed, {"DATA_PATH": self.prefix("general_train"),
                                                                  "EVAL_DATA_PATH": self.prefix("python_docs_heldout")},
                           ["prune:prior"])
-            trains[s2] = (STAGE2_SCRIPT, a.stage2_iters, seed, {"DATA_BLEND": "1.0 " + self.prefix("python_docs_train"),
+            trains[s2] = (STAGE2_SCRIPT, a.stage2_iters, seed, {"DATA_BLEND": self.stage2_blend(),
                                                                  "EVAL_DATA_PATH": self.prefix("general_val"),
                                                                  "GENERAL_MASK_CKPT": w / "train" / s1 / "ckpt"},
                           [f"train:{s1}"])
@@ -241,15 +253,20 @@ class Study:
             if r.get("seed") not in (None, seed) and latest_iteration(ckpt) is not None:
                 raise StudyError(f"{run}: {ckpt} was trained with seed {r['seed']}, not {seed}: give the seeds "
                                  "in the same order as before, or another --work")
+            data = str(env.get("DATA_BLEND") or env["DATA_PATH"])
+            if r.get("data") not in (None, data) and latest_iteration(ckpt) is not None:
+                raise StudyError(f"{run}: {ckpt} was trained on {r['data']!r}, not {data!r} (--stage2-replay "
+                                 "changed?): use another --work")
             self.add(Job(f"train:{run}", "train", ["bash", "run_maskllm_native.sh", script, "0"], env, deps,
                          row=run, ckpt=ckpt, iters=iters, unset=unset))
             steps = latest_iteration(ckpt) or 0
             r.update({"steps": steps, "planned_steps": iters, "global_batch": gb, "seq_length": seq,
-                      "tokens": steps * gb * seq, "script": script, "seed": seed,
+                      "tokens": steps * gb * seq, "script": script, "seed": seed, "data": data,
                       "prior_strength": str(env.get("PRIOR_STRENGTH")
                                             or f"script default {script_default(script, 'PRIOR_STRENGTH')}")})
             if run.split("@")[0] in SEEDED:
-                r["label"] = LABELS[run.split("@")[0]] + (f", seed {seed}" if len(seeds) > 1 else "")
+                replay = f", {a.stage2_replay:g} general replay" if script == STAGE2_SCRIPT and a.stage2_replay else ""
+                r["label"] = LABELS[run.split("@")[0]] + replay + (f", seed {seed}" if len(seeds) > 1 else "")
         sources = {"general": ["--data-path", self.prefix("general_val")],
                    "domain": ["--data-path", self.prefix("python_docs_heldout")],
                    "botchan": ["--text-file", a.botchan]}
@@ -566,6 +583,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=32)
     p.add_argument("--seq-length", type=int, default=1024, help="of training, calibration and evaluation")
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--stage2-replay", type=float, default=0.0, metavar="F",
+                   help="share of stage 2's samples drawn from the general training text (a replay against "
+                        "forgetting; the rest from the domain); the from-the-prior domain rows stay domain only")
     p.add_argument("--eval-iters", type=int, default=2)
     p.add_argument("--eval-micro-batch", type=int, default=8)
     p.add_argument("--calib-samples", type=int, default=128)
@@ -590,6 +610,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     except ValueError:
         p.error(f"--seeds: expected comma-separated integers, got {a.seeds!r}")
+    if not 0.0 <= a.stage2_replay < 1.0:
+        p.error(f"--stage2-replay: expected a share in [0, 1), got {a.stage2_replay:g}")
     if len(set(a.seeds)) != len(a.seeds):
         p.error(f"--seeds: {a.seeds} repeats a seed")
     if not (a.report or a.pack):

@@ -193,3 +193,21 @@ def test_report_gives_mean_and_range_over_seeds(tmp_path):
     assert "| stage 1, seed 2 | 17.000 | 30.000 | 30.000 | 65% | 50% | 75% | 256 | 16 x 2 x 8 |" in text
     assert text.index("| stage 1, seed 2 |") < text.index("| stage 2: domain masks")
     assert "| stage 2: domain masks from stage 1 (incremental) | 1 |" not in text  # one seed: no spread
+
+
+def test_stage_2_replays_a_share_of_general_text_and_a_changed_blend_is_not_resumed(tmp_path, capsys):
+    work, data = tmp_path / "work", tmp_path / "data"
+    plain = _study(tmp_path)
+    assert plain.jobs["train:stage2"].env["DATA_BLEND"] == f"1.0 {data / 'python_docs_train_text_document'}"
+    s = _study(tmp_path, "--stage2-replay", "0.2")
+    assert s.jobs["train:stage2"].env["DATA_BLEND"] == (f"0.8 {data / 'python_docs_train_text_document'} "
+                                                         f"0.2 {data / 'general_train_text_document'}")
+    assert s.jobs["train:domain_t2"].env["DATA_PATH"] == str(data / "python_docs_train_text_document")  # domain only
+    assert s.ledger["rows"]["stage2"]["label"].endswith("0.2 general replay")
+    s.save()
+    _checkpoint(work / "train" / "stage2" / "ckpt", 3)
+    with pytest.raises(study.StudyError, match="stage2: .* was trained on .*--stage2-replay"):
+        _study(tmp_path)
+    with pytest.raises(SystemExit):
+        study.parse_args(["--stage2-replay", "1"])
+    assert "--stage2-replay: expected a share in [0, 1)" in capsys.readouterr().err
