@@ -166,13 +166,8 @@ class BlendedDataset:
                 "size": size,
             }
             self.cache_key = cache_key(self.description)
-            kind = f"BlendedDataset-{self.split.name}"
-            arrays = cache.load(self.cache_key, kind, self.description, names)
-            if arrays is not None:
-                self.cache_hit = True
-            else:
-                arrays = dict(zip(names, self._build_indices()))
-                cache.store(self.cache_key, kind, self.description, arrays)
+            arrays, self.cache_hit = cache.load_or_build(self.cache_key, f"BlendedDataset-{self.split.name}",
+                                                         self.description, names, self._build_indices)
             self.dataset_index = arrays["dataset_index"]
             self.dataset_sample_index = arrays["dataset_sample_index"]
         else:

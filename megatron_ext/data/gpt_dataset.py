@@ -138,14 +138,9 @@ class GPTDataset:
         if cache.enabled:
             self.description = self._description(identity or dataset_identity(indexed_dataset))
             self.cache_key = cache_key(self.description)
-            kind = f"GPTDataset-{split.name}"
             names = ("document_index", "sample_index", "shuffle_index")
-            arrays = cache.load(self.cache_key, kind, self.description, names)
-            if arrays is not None:
-                self.cache_hit = True
-            else:
-                arrays = dict(zip(names, self._build_indices()))
-                cache.store(self.cache_key, kind, self.description, arrays)
+            arrays, self.cache_hit = cache.load_or_build(self.cache_key, f"GPTDataset-{split.name}",
+                                                         self.description, names, self._build_indices)
             self.document_index = arrays["document_index"]
             self.sample_index = arrays["sample_index"]
             self.shuffle_index = arrays["shuffle_index"]

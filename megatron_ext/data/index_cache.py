@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import zlib
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from megatron_ext.errors import MegatronExtError
@@ -120,6 +120,17 @@ class IndexCache:
                 return None
             arrays[name] = array
         return arrays
+
+    def load_or_build(self, key: str, kind: str, description: Mapping, names: Sequence[str],
+                      build: Callable[[], Sequence[np.ndarray]]) -> Tuple[dict, bool]:
+        """``(arrays by name, hit)``: a complete, verified entry, or ``build()``'s arrays (in the
+        order of ``names``), stored for the next run."""
+        arrays = self.load(key, kind, description, names)
+        if arrays is not None:
+            return arrays, True
+        arrays = dict(zip(names, build()))
+        self.store(key, kind, description, arrays)
+        return arrays, False
 
     def store(self, key: str, kind: str, description: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
         """Write every array, then the description JSON, each atomically."""
