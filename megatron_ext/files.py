@@ -58,9 +58,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+    def with_mode(f: BinaryIO) -> None:
+        os.fchmod(f.fileno(), new_file_mode())
+        write(f)
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), new_file_mode())
+        replace_with_temporary(fd, tmp, path, with_mode, durable=durable)
+    finally:
+        os.close(fd)
+
+
+def replace_with_temporary(fd: int, tmp: str | os.PathLike, path: str | os.PathLike,
+                           write: Callable[[BinaryIO], object], *, durable: bool = False) -> None:
+    """The second half of every atomic write: ``write(f)`` through the open temporary file
+    ``fd`` (named ``tmp``, beside ``path``), fsync when ``durable``, rename it over ``path``; on
+    any error remove ``tmp`` and re-raise. ``fd`` stays open (a caller may hold a lock on it
+    until the rename) and is the caller's to close."""
+    try:
+        with os.fdopen(os.dup(fd), "wb") as f:
             write(f)
             if durable:
                 f.flush()

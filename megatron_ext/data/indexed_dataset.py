@@ -45,6 +45,7 @@ from typing import Optional, Union
 
 import numpy as np
 from megatron_ext.errors import InputError
+from megatron_ext.files import replace_with_temporary
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -392,18 +393,7 @@ def _create_locked(stem: str) -> tuple[int, str]:
 def _write_file_atomic(path: str, data: bytes, durable: bool = False) -> None:
     fd, tmp = _create_locked(path)
     try:
-        with os.fdopen(os.dup(fd), "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        replace_with_temporary(fd, tmp, path, lambda f: f.write(data), durable=durable)
     finally:
         os.close(fd)
 
