@@ -313,7 +313,8 @@ class _MaskedLinearMixin:
 
     def _cache_key(self, w: torch.Tensor, lg: torch.Tensor) -> tuple:
         """What the step's draw depends on (the noise key is a function of seed, step and layer
-        id). Asked by every micro-batch's forward: attribute reads only, no calls of our own."""
+        id). Asked by every micro-batch's forward: attribute reads only, no calls of our own. The
+        last four entries are what ``_finish`` checks for an in-place change."""
         s = self.sparsity
         return (s.step, s.seed, self.layer_id, s.tau, s.kappa, s.hard, _OptimizerSteps.count, self.mask_impl,
                 w.dtype, w.data_ptr(), w._version, lg.data_ptr(), lg._version)
